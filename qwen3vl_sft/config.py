@@ -1,0 +1,202 @@
+"""Config dataclasses: the single source of every default in this example.
+
+The same classes serve every entry point:
+
+* ``python prepare_data.py``           -> :class:`PrepareDataConfig`
+* ``python -m qwen3vl_sft.train``      -> :class:`ModelConfig`, :class:`DataConfig`, :class:`TrainConfig`
+* ``client.py`` (inside NVFlare)       -> the same three, built by job.py and passed as flags
+* ``python job.py``                    -> :class:`JobConfig` plus the three above
+
+Command lines are generated from the fields with ``transformers.HfArgumentParser``; the help text of
+each flag is the field's ``metadata["help"]``.  Nothing else in the package declares a default.
+
+Defaults follow the official Qwen3-VL fine-tuning recipe (``qwen-vl-finetune/scripts/sft.sh``):
+frozen vision tower, trained merger and language model, cosine schedule with 3 % warm-up, gradient
+clipping at 1.0, no weight decay, 8192-token context, 784..50176 pixels per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+DEFAULT_DATA_FILE = "PubMedVision/PubMedVision_InstructionTuning_VQA.json"
+HF_DATASET_ID = "FreedomIntelligence/PubMedVision"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (used by HfArgumentParser for ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PrepareDataConfig:
+    """Options of ``prepare_data.py`` (sharding PubMedVision into per-site data sets)."""
+
+    data_file: str = _f(
+        DEFAULT_DATA_FILE,
+        "PubMedVision-format .json array or .jsonl. Pass '' to download --split_name from the HF Hub.",
+    )
+    split_name: str = _f(
+        "PubMedVision_InstructionTuning_VQA",
+        "HF Hub config of FreedomIntelligence/PubMedVision used when --data_file is ''.",
+    )
+    image_root: str = _f(
+        "",
+        "Directory that relative image paths are resolved against (default: the data file's folder). "
+        "Records whose images are missing are dropped and counted.",
+    )
+    output_dir: str = _f("./data", "Where site-*/train.json, test.json and manifest.json are written.")
+    num_clients: int = _f(3, "Number of sites (site-1 .. site-N).")
+    subset_size: int | None = _f(None, "Cap on training records per site (default: no cap).")
+    split: Literal["iid", "modality", "body_part", "dirichlet"] = _f(
+        "iid", "How records are spread over sites: iid, by modality, by body_part, or Dirichlet."
+    )
+    alpha: float = _f(0.5, "Dirichlet concentration for --split dirichlet (smaller = more skewed).")
+    dirichlet_key: Literal["modality", "body_part"] = _f(
+        "body_part", "Record field whose label distribution --split dirichlet skews."
+    )
+    val_fraction: float = _f(0.1, "Fraction of each site's records held out as site-N/val.json.")
+    test_fraction: float = _f(0.05, "Fraction of all records held out as the global test.json.")
+    seed: int = _f(42, "Seed of the shuffle and of the split.")
+    extract_images: bool = _f(
+        True, "Extract images_*.zip archives next to the data file into images/ when images/ is missing."
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to fine-tune and which of its parts are trained."""
+
+    model_name_or_path: str = _f(DEFAULT_MODEL, "HF model id or local directory of a Qwen3-VL checkpoint.")
+    tune_mm_vision: bool = _f(False, "Train the vision tower (recipe: False).")
+    tune_mm_mlp: bool = _f(True, "Train the vision-language merger and deepstack mergers (recipe: True).")
+    tune_mm_llm: bool = _f(True, "Train the language model and its embeddings (recipe: True).")
+    lora: bool = _f(False, "Train LoRA adapters (PEFT) instead of full weights; only adapters are exchanged.")
+    lora_r: int = _f(64, "LoRA rank.")
+    lora_alpha: int = _f(128, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj", "Comma-separated module names LoRA wraps.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "Weight dtype: auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _f(
+        "auto", "auto = flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."
+    )
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory (recommended for 2B+ on 24 GB GPUs).")
+    trust_remote_code: bool = _f(False, "Allow code shipped with the checkpoint to run. Off unless you need it.")
+
+    def lora_targets(self) -> list[str]:
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+
+@dataclass
+class DataConfig:
+    """Where a site's data lives and how samples are turned into model inputs."""
+
+    data_path: str = _f("./data/site-1/train.json", "Training records (PubMedVision format, .json or .jsonl).")
+    eval_data_path: str = _f("", "Validation records evaluated before training (default: none).")
+    image_root: str = _f("", "Directory image paths are relative to (default: the data file's folder).")
+    model_max_length: int = _f(8192, "Maximum tokens per sample; longer samples are truncated between turns.")
+    max_pixels: int = _f(50176, "Upper bound on pixels per image after resizing (recipe: 50176 = 224*224).")
+    min_pixels: int = _f(784, "Lower bound on pixels per image after resizing (recipe: 784 = 28*28).")
+    max_bad_sample_fraction: float = _f(
+        0.05, "Abort the round when more than this fraction of samples has a missing or corrupt image."
+    )
+    max_image_side: int = _f(16384, "Images whose width or height exceeds this are refused before decoding.")
+    dataloader_num_workers: int = _f(2, "Worker processes that load and resize images.")
+    system_prompt: str = _f("", "Optional system message prepended to every conversation.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (handed to HF Trainer)."""
+
+    output_dir: str = _f("./outputs/sft", "Where checkpoints and logs of a centralised run are written.")
+    learning_rate: float = _f(1e-5, "Peak learning rate.")
+    per_device_train_batch_size: int = _f(4, "Samples per device per step.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_steps: int = _f(-1, "Optimizer steps per round (or per run); -1 = one pass over the data.")
+    num_train_epochs: float = _f(1.0, "Epochs per round when --max_steps is -1.")
+    warmup_ratio: float = _f(0.03, "Fraction of the schedule spent warming up (recipe: 0.03).")
+    lr_scheduler_type: str = _f("cosine", "HF scheduler name (recipe: cosine).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (recipe: 1.0).")
+    weight_decay: float = _f(0.0, "AdamW weight decay (recipe: 0.0).")
+    schedule_over_rounds: bool = _f(
+        True,
+        "One learning-rate schedule spans all federated rounds (warm-up once, cosine to the last round) "
+        "instead of restarting each round.",
+    )
+    seed: int = _f(42, "Seed of sampling order, dropout and initialisation of LoRA adapters.")
+    logging_steps: int = _f(10, "Log the loss every N steps.")
+    report_to: str = _f("none", "HF Trainer report_to (none, tensorboard, wandb).")
+    save_model: bool = _f(True, "Centralised runs: save the final model (HF directory) into output_dir.")
+    keep_model_between_rounds: bool = _f(
+        True, "Federated runs: keep the loaded model in memory between rounds instead of reloading it."
+    )
+    disable_progress_bar: bool = _f(False, "Hide the per-step progress bar.")
+
+
+@dataclass
+class JobConfig:
+    """Options of job.py: the federated job around the engine."""
+
+    n_clients: int = _f(3, "Number of sites (site-1 .. site-N).")
+    num_rounds: int = _f(3, "FedAvg rounds.")
+    data_dir: str = _f("./data", "Folder with site-*/train.json (from prepare_data.py).")
+    gpu: str = _f("", "GPU groups per site for the simulator, e.g. '[0],[1],[2]'; empty = one GPU per site.")
+    nproc_per_client: int = _f(1, "Processes (GPUs) per site, started with torchrun.")
+    master_port_base: int = _f(29500, "torchrun --master_port of site-1; site-i uses base + i - 1.")
+    min_clients: int = _f(0, "Sites that must answer each round (0 = all sites).")
+    workspace: str = _f("/tmp/nvflare/qwen3vl_fedavg", "NVFlare workspace root.")
+    job_name: str = _f("qwen3-vl-fedavg", "NVFlare job name.")
+    env: Literal["sim", "poc"] = _f("sim", "sim = NVFlare simulator, poc = real server and clients (PoC).")
+    export_dir: str = _f("", "Write the job folder for 'nvflare job submit' here instead of running it.")
+    resume: bool = _f(False, "Continue a stopped job from its last saved global model.")
+    wandb: bool = _f(False, "Also track with Weights & Biases (offline unless WANDB_API_KEY is set).")
+    demo: bool = _f(False, "CPU demo: tiny model and synthetic data built offline, then the federated job.")
+    backend: Literal["builtin", "official"] = _f(
+        "builtin", "builtin = in-process engine; official = train_qwen from a Qwen3-VL clone."
+    )
+    qwen3vl_root: str = _f("", "Clone of QwenLM/Qwen3-VL for --backend official (or env QWEN3VL_ROOT).")
+    qwen3vl_python: str = _f("", "Python of the environment built for that clone (default: this one).")
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that ignores keys the dataclass does not have."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if k in names})
+
+
+def to_flags(*configs: Any) -> list[str]:
+    """Command-line flags that make HfArgumentParser rebuild ``configs`` exactly.
+
+    Only fields that differ from their defaults are written, so command lines stay short and a
+    default changed here reaches every site.
+    """
+    flags: list[str] = []
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if value == default:
+                continue
+            if isinstance(value, bool):
+                flags += [f"--{f.name}", "true" if value else "false"]
+            elif value is None:
+                continue
+            else:
+                flags += [f"--{f.name}", str(value)]
+    return flags
+
+
+def parse(config_classes: tuple[type, ...], args: list[str] | None = None, description: str = "") -> tuple:
+    """Parse a command line into instances of ``config_classes`` (help texts come from the fields)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(config_classes, description=description)
+    return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
