@@ -52,7 +52,9 @@ class PrepareDataConfig:
     )
     output_dir: str = _f("./data", "Where site-*/train.json, test.json and manifest.json are written.")
     num_clients: int = _f(3, "Number of sites (site-1 .. site-N).")
-    subset_size: int | None = _f(None, "Cap on training records per site (default: no cap).")
+    subset_size: int | None = _f(
+        None, "Cap on training records per site (default: no cap); val.json shrinks in proportion."
+    )
     split: Literal["iid", "modality", "body_part", "dirichlet"] = _f(
         "iid", "How records are spread over sites: iid, by modality, by body_part, or Dirichlet."
     )
@@ -65,6 +67,11 @@ class PrepareDataConfig:
     seed: int = _f(42, "Seed of the shuffle and of the split.")
     extract_images: bool = _f(
         True, "Extract images_*.zip archives next to the data file into images/ when images/ is missing."
+    )
+    check_images: bool = _f(
+        True,
+        "Drop records whose image files are missing under --image_root. false = only check that paths "
+        "stay inside it (to prepare shards on a machine without the images).",
     )
 
 

@@ -1,0 +1,274 @@
+"""PubMedVision records -> Qwen3-VL training tensors (messages, labels, pixels) and batches.
+
+    python -m qwen3vl_sft.data --model tiny_models/qwen3-vl-tiny --data data/site-1/train.json --show 2
+
+The path is one-way: record -> chat messages (images in the order of their ``<image>`` placeholders)
+-> ``input_ids`` / ``labels`` (-100 everywhere but the assistant answers and their ``<|im_end|>``)
+/ ``pixel_values`` / ``image_grid_thw`` -> padded batch.  Every token id is read from the processor;
+nothing is hard-coded, so the real Qwen3-VL tokenizer and the tiny offline one behave the same.
+
+Images are opened lazily inside DataLoader workers.  A missing or corrupt image skips that sample
+with a warning naming it; the collator counts skips so the trainer can report them and abort when
+too many fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import records as rec
+from .config import DataConfig
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
+class SkipSample(Exception):
+    """A sample that cannot be trained on (reason in the message); it is counted, never trained."""
+
+
+def to_messages(record: dict, system_prompt: str = "") -> list[dict]:
+    """Chat messages for a record; ``<image>`` placeholders become image items, in order."""
+    record = rec.ensure_image_placeholders(record)
+    messages = (
+        [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
+    )
+    for turn in record["conversations"]:
+        role = ROLES.get(turn["from"], turn["from"])
+        content = []
+        for i, piece in enumerate(turn["value"].split(PLACEHOLDER)):
+            if i:
+                content.append({"type": "image"})
+            text = piece.strip("\n") if role == "user" else piece.strip()
+            if text:
+                content.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def count_images(messages: list[dict]) -> int:
+    return sum(item["type"] == "image" for m in messages for item in m["content"])
+
+
+def open_image(path: Path, max_side: int) -> Image.Image:
+    """Decode an image as RGB, refusing oversized ones from the header alone (decompression bombs)."""
+    with Image.open(path) as image:  # reads the header only
+        if max(image.size) > max_side:
+            raise rec.DataError(
+                f"{path}: {image.size[0]}x{image.size[1]} pixels exceeds max_image_side {max_side}"
+            )
+        image.load()
+        return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The few token ids masking and truncation need, read from the processor."""
+
+    im_start: int
+    im_end: int
+    assistant_header: tuple[int, ...]
+    vision_start: int
+    vision_end: int
+    image_pad: int
+    pad: int
+
+    @classmethod
+    def from_processor(cls, processor) -> TokenIds:
+        tok = processor.tokenizer
+        im_start = tok.convert_tokens_to_ids("<|im_start|>")
+        header = tuple(tok.encode("<|im_start|>assistant\n", add_special_tokens=False))
+        if not header or header[0] != im_start:
+            raise ValueError("tokenizer does not encode '<|im_start|>assistant\\n' as a Qwen chat header")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+        return cls(
+            im_start=im_start,
+            im_end=tok.convert_tokens_to_ids("<|im_end|>"),
+            assistant_header=header,
+            vision_start=processor.vision_start_token_id,
+            vision_end=processor.vision_end_token_id,
+            image_pad=processor.image_token_id,
+            pad=pad,
+        )
+
+
+def mask_labels(input_ids: list[int], ids: TokenIds) -> list[int]:
+    """Labels that supervise only assistant answers: from after the header to ``<|im_end|>`` inclusive."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    header, n = ids.assistant_header, len(ids.assistant_header)
+    i = 0
+    while i < len(input_ids):
+        if tuple(input_ids[i : i + n]) != header:
+            i += 1
+            continue
+        j = i + n
+        while j < len(input_ids) and input_ids[j] != ids.im_end:
+            labels[j] = input_ids[j]
+            j += 1
+        if j < len(input_ids):
+            labels[j] = input_ids[j]
+        i = j + 1
+    return labels
+
+
+def truncation_point(input_ids: list[int], max_length: int, ids: TokenIds) -> int:
+    """Where to cut a too-long sample: at ``max_length`` unless that splits an image's tokens."""
+    if len(input_ids) <= max_length:
+        return len(input_ids)
+    cut = max_length
+    opened = max((i for i in range(cut) if input_ids[i] == ids.vision_start), default=-1)
+    closed = max((i for i in range(cut) if input_ids[i] == ids.vision_end), default=-1)
+    if opened > closed:  # the cut falls inside vision_start ... vision_end: cut before the image
+        cut = opened
+    return cut
+
+
+class SampleBuilder:
+    """Turns one record into the tensors of one training sample."""
+
+    def __init__(self, processor, config: DataConfig, image_root: str | os.PathLike):
+        self.processor = processor
+        self.config = config
+        self.image_root = Path(image_root)
+        self.ids = TokenIds.from_processor(processor)
+
+    def load_images(self, record: dict) -> list:
+        return [
+            open_image(
+                rec.resolve_image_path(self.image_root, path, record.get("id")), self.config.max_image_side
+            )
+            for path in record["image"]
+        ]
+
+    def __call__(self, record: dict) -> dict[str, torch.Tensor]:
+        messages = to_messages(record, self.config.system_prompt)
+        try:
+            images = self.load_images(record)
+        except (rec.DataError, OSError, Image.DecompressionBombError) as err:
+            raise SkipSample(f"record {record.get('id')!r}: {err}") from err
+        if count_images(messages) != len(images):
+            raise SkipSample(
+                f"record {record.get('id')!r}: {len(images)} images but a different placeholder count"
+            )
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        return self._finish(record, enc)
+
+    def _finish(self, record: dict, enc) -> dict[str, torch.Tensor]:
+        input_ids = enc["input_ids"][0].tolist()
+        cut = truncation_point(input_ids, self.config.model_max_length, self.ids)
+        labels = mask_labels(input_ids[:cut], self.ids)
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SkipSample(f"record {record.get('id')!r}: no answer token left within model_max_length")
+        sample = {
+            "input_ids": torch.tensor(input_ids[:cut]),
+            "labels": torch.tensor(labels),
+            "mm_token_type_ids": enc["mm_token_type_ids"][0, :cut],
+        }
+        if "pixel_values" in enc:
+            kept_images = sum(1 for t in input_ids[:cut] if t == self.ids.vision_start)
+            grid = enc["image_grid_thw"][:kept_images]
+            if kept_images:
+                sample["image_grid_thw"] = grid
+                sample["pixel_values"] = enc["pixel_values"][: int(grid.prod(dim=1).sum())]
+        return sample
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Records in memory, samples built lazily (so image decoding happens in DataLoader workers)."""
+
+    def __init__(self, records: list[dict], builder: SampleBuilder):
+        self.records = records
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.builder(self.records[index])
+        except SkipSample as err:
+            logger.warning("Skipping sample: %s", err)
+            return {"skipped": str(err)}
+
+
+class Collator:
+    """Right-pads a list of samples into a batch; counts the skipped ones in ``num_skipped``."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        kept = [s for s in samples if "skipped" not in s]
+        batch: dict[str, torch.Tensor] = {"num_skipped": torch.tensor(len(samples) - len(kept))}
+        if not kept:
+            return batch
+        width = max(len(s["input_ids"]) for s in kept)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            out = torch.full((len(kept), width), value, dtype=torch.long)
+            for row, s in enumerate(kept):
+                out[row, : len(s[key])] = s[key]
+            return out
+
+        batch["input_ids"] = pad("input_ids", self.pad_token_id)
+        batch["labels"] = pad("labels", IGNORE_INDEX)
+        batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
+        batch["attention_mask"] = torch.zeros((len(kept), width), dtype=torch.long)
+        for row, s in enumerate(kept):
+            batch["attention_mask"][row, : len(s["input_ids"])] = 1
+        with_images = [s for s in kept if "pixel_values" in s]
+        if with_images:
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+        return batch
+
+
+def build_dataset(processor, config: DataConfig, data_path: str | None = None) -> RecordDataset:
+    """The dataset of one data file (records validated on load; invalid ones counted and dropped)."""
+    path = Path(data_path or config.data_path)
+    if not path.is_file():
+        raise rec.DataError(f"data file {path} does not exist; create the site shards with prepare_data.py")
+    records, skipped = rec.valid_records(rec.load_records(path))
+    if skipped:
+        logger.warning("%s: skipped %d invalid records %s", path, sum(skipped.values()), dict(skipped))
+    if not records:
+        raise rec.DataError(f"{path}: no usable records (skipped: {dict(skipped)})")
+    image_root = config.image_root or path.parent
+    return RecordDataset(records, SampleBuilder(processor, config, image_root))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .modeling import load_processor
+
+    parser = argparse.ArgumentParser(description="Show how records become training samples.")
+    parser.add_argument("--model", required=True, help="Model directory or id (for its processor).")
+    parser.add_argument("--data", required=True, help="PubMedVision-format .json/.jsonl file.")
+    parser.add_argument("--show", type=int, default=1, help="How many samples to print.")
+    args = parser.parse_args(argv)
+    config = DataConfig(data_path=args.data)
+    processor = load_processor(args.model, config)
+    dataset = build_dataset(processor, config)
+    for index in range(min(args.show, len(dataset))):
+        sample = dataset[index]
+        if "skipped" in sample:
+            print(f"[{index}] skipped: {sample['skipped']}")
+            continue
+        ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+        answer = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+        print(f"[{index}] {len(ids)} tokens, {len(answer)} supervised")
+        print(processor.tokenizer.decode(ids))
+        print("supervised:", repr(processor.tokenizer.decode(answer)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Loading Qwen3-VL (dense or MoE) and its processor, and choosing what trains.
+
+    python -m qwen3vl_sft.modeling --model_name_or_path tiny_models/qwen3-vl-tiny --lora true
+
+prints the trainable parameter count for a configuration without training.
+
+Freezing follows the official recipe's three switches: ``tune_mm_vision`` (vision tower blocks and patch
+embedding), ``tune_mm_mlp`` (the merger and deepstack mergers that project vision features into the
+language model) and ``tune_mm_llm`` (language model, embeddings and an untied lm_head). With ``lora``,
+everything is frozen and PEFT adapters on ``lora_target_modules`` are the only trainable tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from .config import DataConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+MERGER_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+VISION_PREFIX = "model.visual."
+LLM_PREFIXES = ("model.language_model.", "lm_head.")
+
+
+class ModelError(ValueError):
+    """The checkpoint is not one this example can fine-tune (message says why and what to do)."""
+
+
+def resolve_dtype(config: ModelConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def resolve_attention(config: ModelConfig) -> str:
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def model_class(model_name_or_path: str, trust_remote_code: bool = False):
+    """Qwen3-VL or Qwen3-VL-MoE class for a checkpoint, chosen from its config (not its path)."""
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"--model_name_or_path {model_name_or_path}: cannot read a model config ({err}). "
+            "Pass a Qwen3-VL directory or hub id (offline: build one with python -m qwen3vl_sft.tiny)."
+        ) from err
+    classes = {
+        "qwen3_vl": Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
+    }
+    if config.model_type not in classes:
+        raise ModelError(
+            f"--model_name_or_path {model_name_or_path}: model_type {config.model_type!r} is not Qwen3-VL "
+            "(expected qwen3_vl or qwen3_vl_moe)."
+        )
+    return classes[config.model_type]
+
+
+def load_processor(model_name_or_path: str, data: DataConfig, trust_remote_code: bool = False):
+    """The checkpoint's processor, with images resized into [min_pixels, max_pixels]."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    processor.image_processor.size = {"shortest_edge": data.min_pixels, "longest_edge": data.max_pixels}
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = "<|endoftext|>"
+    return processor
+
+
+def load_model(config: ModelConfig):
+    """The model in the configured dtype and attention, with ``set_trainable`` applied."""
+    cls = model_class(config.model_name_or_path, config.trust_remote_code)
+    dtype, attention = resolve_dtype(config), resolve_attention(config)
+    logger.info(
+        "Loading %s (%s, %s, attention=%s)", config.model_name_or_path, cls.__name__, dtype, attention
+    )
+    model = cls.from_pretrained(
+        config.model_name_or_path,
+        dtype=dtype,
+        attn_implementation=attention,
+        trust_remote_code=config.trust_remote_code,
+    )
+    model.config.use_cache = False
+    return set_trainable(model, config)
+
+
+def is_trainable_name(name: str, config: ModelConfig) -> bool:
+    """Whether a (non-LoRA) parameter trains under the tune flags."""
+    if name.startswith(MERGER_PREFIXES):
+        return config.tune_mm_mlp
+    if name.startswith(VISION_PREFIX):
+        return config.tune_mm_vision
+    if name.startswith(LLM_PREFIXES):
+        return config.tune_mm_llm
+    raise ModelError(f"parameter {name!r} belongs to no known Qwen3-VL part; cannot apply tune flags")
+
+
+def set_trainable(model, config: ModelConfig):
+    """Freeze by the tune flags, or wrap in PEFT LoRA (then only the adapters train)."""
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        for param in model.parameters():
+            param.requires_grad_(False)
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_targets(),
+            bias="none",
+        )
+        model = get_peft_model(model, lora)
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_trainable_name(name, config))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError("nothing to train: set --tune_mm_llm, --tune_mm_mlp, --tune_mm_vision or --lora")
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    params = list(model.parameters())  # parameters() yields a tied tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import parse
+
+    (model_config,) = parse((ModelConfig,), argv, description="Show what trains for a configuration.")
+    model = load_model(model_config)
+    trainable, total = count_parameters(model)
+    print(f"{type(model).__name__}: {trainable:,} of {total:,} parameters trainable")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Build an offline tiny Qwen3-VL checkpoint (real transformers classes, random weights).
+
+    python -m qwen3vl_sft.tiny --output tiny_models/qwen3-vl-tiny
+    python -m qwen3vl_sft.tiny --output tiny_models/qwen3-vl-tiny-qwen-ids --variant qwen-ids
+
+The directory loads with ``AutoProcessor.from_pretrained(DIR)`` and
+``Qwen3VLForConditionalGeneration.from_pretrained(DIR)`` with no network. Two variants:
+
+* ``compact`` (default): a ~1k-token byte-level BPE vocabulary; fast on CPU.  Used by the tests and the
+  CPU demo.
+* ``qwen-ids``: a 151,936-entry vocabulary in which the special tokens, "assistant" (77091) and "\\n"
+  (198) sit at the ids of the real Qwen3-VL tokenizer, with ``vocab.json``/``merges.txt`` for slow
+  tokenizers and ``rope_scaling`` beside ``rope_parameters`` for transformers 4.57 — for code that
+  hard-codes Qwen's ids, like the official Qwen3-VL fine-tuning scripts.
+
+Same seed, same bytes: the tokenizer is trained on a fixed corpus and the weights come from a seeded
+initialisation, so two builds are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TEXT_HIDDEN = 128
+COMPACT_VOCAB = 1024
+QWEN_VOCAB_SIZE = 151936
+QWEN_ASSISTANT_ID = 77091
+QWEN_NEWLINE_ID = 198
+# The real Qwen tokenizer's special tokens, in id order from 151643 (<|endoftext|>).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+QWEN_FIRST_SPECIAL_ID = 151643
+# Qwen2/Qwen3 pre-tokenisation pattern (published with the tokenizer): splits words, digits one by one,
+# punctuation runs and whitespace runs, so our BPE cuts text where the real one does.
+QWEN_PRETOKENIZE_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+# Qwen3-VL's turn format: <|im_start|>role\n...<|im_end|>\n, images as vision_start/image_pad/vision_end.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Fixed text the BPE is trained on: chat scaffolding plus the synthetic data set's vocabulary."""
+    from .synthetic import vocabulary_sentences
+
+    scaffold = ["system", "user", "assistant", "You are a helpful assistant.", "Picture 1:", "Image 2:"]
+    return scaffold * 50 + vocabulary_sentences() * 5
+
+
+def train_bpe(vocab_size: int):
+    """Train a byte-level BPE with Qwen's pre-tokenisation on the fixed corpus (deterministic)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    return tok
+
+
+def gpt2_byte_order() -> list[str]:
+    """The 256 byte-level symbols in the order GPT-2/Qwen give them ids 0..255 (so "\\n" gets 198)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    symbols = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + shift)
+            shift += 1
+    return [symbols[b] for b in printable] + [symbols[b] for b in range(256) if b not in printable]
+
+
+def _qwen_id_vocab(trained: dict[str, int]) -> dict[str, int]:
+    """Re-number a trained vocabulary so that bytes, "assistant" and specials sit at Qwen's ids."""
+    vocab = {sym: i for i, sym in enumerate(gpt2_byte_order())}
+    if "assistant" not in trained:
+        raise RuntimeError("the tokenizer corpus must make 'assistant' a single token")
+    vocab["assistant"] = QWEN_ASSISTANT_ID
+    next_id = len(vocab) - 1
+    for token in sorted(trained, key=trained.__getitem__):
+        if token in vocab:
+            continue
+        next_id += 1
+        next_id += next_id == QWEN_ASSISTANT_ID
+        vocab[token] = next_id
+    # Fillers keep ids dense up to the first special id, as in the real tokenizer; no merge reaches them.
+    filler = 0
+    taken = set(vocab.values())
+    for i in range(QWEN_FIRST_SPECIAL_ID):
+        if i not in taken:
+            vocab[f"<|reserved_{filler}|>"] = i
+            filler += 1
+    return vocab
+
+
+def build_tokenizer(variant: str):
+    """A ``PreTrainedTokenizerFast`` with Qwen3-VL's special tokens (and ids, for ``qwen-ids``)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(COMPACT_VOCAB)
+    if variant == "qwen-ids":
+        spec = json.loads(tok.to_str())
+        vocab = _qwen_id_vocab(spec["model"]["vocab"])
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+        rebuilt = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        rebuilt.normalizer, rebuilt.pre_tokenizer, rebuilt.decoder = (
+            tok.normalizer,
+            tok.pre_tokenizer,
+            tok.decoder,
+        )
+        tok = rebuilt
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=8192,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_processor(tokenizer, image_size: int = 64):
+    """Qwen3VLProcessor with patch 16 / merge 2 and pixel bounds suited to ``image_size`` images."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    bounds = {"shortest_edge": 32 * 32, "longest_edge": (2 * image_size) ** 2}
+    common = dict(patch_size=16, merge_size=2, temporal_patch_size=2, size=bounds)
+    common.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    image_processor = Qwen2VLImageProcessor(**common)
+    video_processor = Qwen3VLVideoProcessor(**common)
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(tokenizer, variant: str):
+    """Qwen3VLConfig at toy size, wired to the tokenizer's special ids."""
+    from transformers import Qwen3VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in _SPECIAL_FIELDS.items()}
+    vocab_size = QWEN_VOCAB_SIZE if variant == "qwen-ids" else len(tokenizer)
+    text = dict(
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [8, 4, 4],
+                         "mrope_interleaved": True},
+        pad_token_id=ids["pad"], bos_token_id=ids["pad"], eos_token_id=ids["eos"], tie_word_embeddings=True,
+    )  # fmt: skip
+    vision = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64,
+        deepstack_visual_indexes=[0],
+    )  # fmt: skip
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=True,
+    )
+
+
+_SPECIAL_FIELDS = {
+    "pad": "<|endoftext|>",
+    "eos": "<|im_end|>",
+    "image": "<|image_pad|>",
+    "video": "<|video_pad|>",
+    "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>",
+}
+
+
+def _write_slow_tokenizer_files(tokenizer, out: Path) -> None:
+    """vocab.json + merges.txt, as real Qwen checkpoints ship them for slow tokenizers."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, sort_keys=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _add_legacy_rope_scaling(out: Path) -> None:
+    """transformers 4.57 reads ``rope_scaling``; 5.x writes ``rope_parameters``. Ship both."""
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    rope = dict(config["text_config"]["rope_parameters"])
+    config["text_config"]["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    config["text_config"]["rope_theta"] = rope["rope_theta"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build(output: str | os.PathLike, variant: str = "compact", seed: int = 0) -> Path:
+    """Write the tiny checkpoint to ``output`` (atomically: a temp dir renamed into place)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    if variant not in ("compact", "qwen-ids"):
+        raise ValueError(f"--variant must be 'compact' or 'qwen-ids', not {variant!r}")
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        tokenizer = build_tokenizer(variant)
+        processor = build_processor(tokenizer)
+        config = build_config(tokenizer, variant)
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).eval()
+        model.generation_config.pad_token_id = config.text_config.pad_token_id
+        model.generation_config.eos_token_id = config.text_config.eos_token_id
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if variant == "qwen-ids":
+            _write_slow_tokenizer_files(tokenizer, tmp)
+            _add_legacy_rope_scaling(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def ensure(output: str | os.PathLike, variant: str = "compact") -> Path:
+    """Build the tiny checkpoint unless a complete one is already at ``output``."""
+    out = Path(output)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return build(out, variant)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="Directory to write the checkpoint to.")
+    parser.add_argument("--variant", choices=["compact", "qwen-ids"], default="compact")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    args = parser.parse_args(argv)
+    out = build(args.output, args.variant, args.seed)
+    print(f"Tiny Qwen3-VL ({args.variant}) written to {out}")
+
+
+if __name__ == "__main__":
+    main()

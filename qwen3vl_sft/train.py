@@ -1,0 +1,226 @@
+"""Qwen3-VL supervised fine-tuning, in-process: one function for a centralised run or one FL round.
+
+    python -m qwen3vl_sft.train --model_name_or_path tiny_models/qwen3-vl-tiny \\
+        --data_path data/site-1/train.json --eval_data_path data/test.json --max_steps 200 \\
+        --learning_rate 5e-4 --per_device_train_batch_size 16 --output_dir outputs/central
+
+(``torchrun --nproc_per_node=K -m qwen3vl_sft.train ...`` for several GPUs: HF Trainer does the DDP.)
+
+Built on HF Trainer, so bf16, gradient accumulation, DDP, ``report_to`` and progress bars come from
+the library; :class:`RoundTrainer` adds only what federated rounds need: one learning-rate schedule
+across rounds, counts of samples / supervised tokens / skipped samples, and the abort when too many
+images fail.
+
+:class:`SFTEngine` keeps the model in memory between rounds (``keep_model_between_rounds``): reloading
+a 2B checkpoint costs more than a short round. The optimizer is rebuilt each round: its moments
+describe the site's previous local trajectory, which the new global model has left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .config import DataConfig, ModelConfig, TrainConfig
+from .data import Collator, build_dataset
+from .modeling import load_model, load_processor, resolve_dtype
+from .records import DataError
+from .weights import exchanged_state, load_exchanged
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    """Everything one fine-tuning run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class RoundResult:
+    """What a round produces: the exchanged tensors and honest metrics about the work done."""
+
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundCounters:
+    samples: int = 0
+    supervised_tokens: int = 0
+    skipped: int = 0
+
+    def reduce(self) -> RoundCounters:
+        """Sum over DDP ranks (each rank saw its own share of the batches)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self
+        counts = torch.tensor([self.samples, self.supervised_tokens, self.skipped], dtype=torch.long)
+        if torch.distributed.get_backend() == "nccl":
+            counts = counts.cuda()
+        torch.distributed.all_reduce(counts)
+        return RoundCounters(*[int(c) for c in counts.tolist()])
+
+
+class RoundTrainer(Trainer):
+    """HF Trainer plus the cross-round schedule and the sample counters."""
+
+    def __init__(self, *args, round_index: int = 0, num_rounds: int = 1, max_bad_fraction: float = 1.0, **kw):
+        super().__init__(*args, **kw)
+        self.round_index, self.num_rounds = round_index, num_rounds
+        self.max_bad_fraction = max_bad_fraction
+        self.counters = RoundCounters()
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """One schedule over ``num_rounds`` rounds, entered at this round's offset."""
+        if self.lr_scheduler is None and self.num_rounds > 1:
+            total = num_training_steps * self.num_rounds
+            offset = num_training_steps * self.round_index
+            super().create_scheduler(total, optimizer)
+            shape = self.lr_scheduler.lr_lambdas[0]
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda step: shape(step + offset)
+            )
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.counters.skipped += int(inputs.pop("num_skipped", 0))
+        self._check_bad_fraction()
+        if "input_ids" not in inputs:  # every sample of this micro-batch was skipped
+            return torch.zeros((), device=self.args.device)
+        self.counters.samples += inputs["input_ids"].shape[0]
+        self.counters.supervised_tokens += int((inputs["labels"] != -100).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _check_bad_fraction(self) -> None:
+        seen = self.counters.samples + self.counters.skipped
+        if seen >= 20 and self.counters.skipped > self.max_bad_fraction * seen:
+            raise DataError(
+                f"{self.counters.skipped} of {seen} samples had missing or unreadable images "
+                f"(more than max_bad_sample_fraction {self.max_bad_fraction}); fix the data or the image_root"
+            )
+
+
+def training_arguments(config: SFTConfig) -> TrainingArguments:
+    """Map our TrainConfig onto HF TrainingArguments (nothing is checkpointed mid-round)."""
+    t, cuda = config.train, torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the schedule in transformers 5
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        report_to=[] if t.report_to == "none" else t.report_to.split(","),
+        save_strategy="no",
+        bf16=cuda and resolve_dtype(config.model) == torch.bfloat16,
+        use_cpu=not cuda,
+        remove_unused_columns=False,
+        dataloader_num_workers=config.data.dataloader_num_workers,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=t.disable_progress_bar,
+    )
+
+
+class SFTEngine:
+    """A loaded model + processor + site data set that can run rounds of SFT."""
+
+    def __init__(self, config: SFTConfig):
+        self.config = config
+        start = time.monotonic()
+        self.processor = load_processor(
+            config.model.model_name_or_path, config.data, config.model.trust_remote_code
+        )
+        self.model = load_model(config.model)
+        if config.model.gradient_checkpointing and config.model.lora:
+            self.model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need grad inputs
+        self.dataset = build_dataset(self.processor, config.data)
+        self.load_seconds = time.monotonic() - start
+
+    def apply(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load received (exchanged) tensors, strictly by name."""
+        load_exchanged(self.model, weights)
+
+    def weights(self, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+        return exchanged_state(self.model, dtype)
+
+    def train_round(self, round_index: int = 0, num_rounds: int = 1) -> RoundResult:
+        """One round of SFT on the site's data; returns the trainable tensors and the round's metrics."""
+        config = self.config
+        rounds = num_rounds if config.train.schedule_over_rounds else 1
+        trainer = RoundTrainer(
+            model=self.model,
+            args=training_arguments(config),
+            train_dataset=self.dataset,
+            data_collator=Collator(self.processor.tokenizer.pad_token_id),
+            round_index=round_index if rounds > 1 else 0,
+            num_rounds=rounds,
+            max_bad_fraction=config.data.max_bad_sample_fraction,
+        )
+        start = time.monotonic()
+        output = trainer.train()
+        seconds = time.monotonic() - start
+        counts = trainer.counters.reduce()
+        metrics = {
+            "train_loss": float(output.training_loss),
+            "steps": int(output.global_step),
+            "samples": counts.samples,
+            "supervised_tokens": counts.supervised_tokens,
+            "skipped_samples": counts.skipped,
+            "seconds": seconds,
+            "samples_per_second": counts.samples / seconds if seconds > 0 else 0.0,
+            "learning_rate_end": float(trainer.lr_scheduler.get_last_lr()[0]),
+        }
+        if not math.isfinite(metrics["train_loss"]):
+            raise FloatingPointError(f"training loss is {metrics['train_loss']} in round {round_index}")
+        return RoundResult(weights=self.weights(), metrics=metrics)
+
+
+def train(
+    config: SFTConfig, initial_weights: dict[str, torch.Tensor] | None = None, **round_kw
+) -> RoundResult:
+    """Load, optionally apply ``initial_weights`` (exchanged tensors), train one round/run, return the result."""
+    engine = SFTEngine(config)
+    if initial_weights is not None:
+        engine.apply(initial_weights)
+    return engine.train_round(**round_kw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import parse
+    from .evaluate import evaluate_file
+
+    model_cfg, data_cfg, train_cfg = parse((ModelConfig, DataConfig, TrainConfig), argv, description=__doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    engine = SFTEngine(SFTConfig(model_cfg, data_cfg, train_cfg))
+    result = engine.train_round()
+    print("train:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    if data_cfg.eval_data_path:
+        scores = evaluate_file(engine.model, engine.processor, data_cfg, data_cfg.eval_data_path)
+        print("eval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
+    if (
+        train_cfg.save_model
+        and int(torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0
+    ):
+        engine.model.save_pretrained(train_cfg.output_dir)
+        engine.processor.save_pretrained(train_cfg.output_dir)
+        print(f"Model saved to {train_cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
