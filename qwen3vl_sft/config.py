@@ -95,7 +95,9 @@ class ModelConfig:
         "auto", "auto = flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."
     )
     gradient_checkpointing: bool = _f(False, "Trade compute for memory (recommended for 2B+ on 24 GB GPUs).")
-    trust_remote_code: bool = _f(False, "Allow code shipped with the checkpoint to run. Off unless you need it.")
+    trust_remote_code: bool = _f(
+        False, "Allow code shipped with the checkpoint to run. Off unless you need it."
+    )
 
     def lora_targets(self) -> list[str]:
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
@@ -105,7 +107,9 @@ class ModelConfig:
 class DataConfig:
     """Where a site's data lives and how samples are turned into model inputs."""
 
-    data_path: str = _f("./data/site-1/train.json", "Training records (PubMedVision format, .json or .jsonl).")
+    data_path: str = _f(
+        "./data/site-1/train.json", "Training records (PubMedVision format, .json or .jsonl)."
+    )
     eval_data_path: str = _f("", "Validation records evaluated before training (default: none).")
     image_root: str = _f("", "Directory image paths are relative to (default: the data file's folder).")
     model_max_length: int = _f(8192, "Maximum tokens per sample; longer samples are truncated between turns.")
@@ -146,6 +150,9 @@ class TrainConfig:
         True, "Federated runs: keep the loaded model in memory between rounds instead of reloading it."
     )
     disable_progress_bar: bool = _f(False, "Hide the per-step progress bar.")
+    torch_threads: int = _f(
+        0, "CPU threads per process (0 = torch's default); job.py splits the cores between sites."
+    )
 
 
 @dataclass
@@ -207,3 +214,46 @@ def parse(config_classes: tuple[type, ...], args: list[str] | None = None, descr
 
     parser = HfArgumentParser(config_classes, description=description)
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+
+
+@dataclass
+class InferenceConfig:
+    """Options of ``run_inference.py``: which checkpoints answer which held-out records, and the report."""
+
+    model: list[str] = _f(
+        [],
+        "Checkpoint(s) to compare, as LABEL=PATH (or PATH; label = its name). Repeatable or space-separated. "
+        "PATH: HF id or directory, an NVFlare FL_global_model.pt (full or LoRA), or a LoRA adapter directory.",
+        action="extend",
+    )
+    model_path: str = _f("", "The fine-tuned checkpoint (seed flag), compared as 'fine-tuned'.")
+    base_model: str = _f(
+        "",
+        "Architecture and processor for .pt files and adapters, and the 'base' row. Default: the base named "
+        f"in the checkpoint (.pt meta, adapter_config.json), else {DEFAULT_MODEL}.",
+    )
+    compare_base: bool = _f(True, "Also evaluate the base model, as the row labelled 'base'.")
+    data_file: str = _f(
+        "./data/test.json", "Held-out PubMedVision-format records (prepare_data.py's test.json)."
+    )
+    image_root: str = _f("", "Directory image paths are relative to (default: as for training).")
+    max_samples: int = _f(200, "Evaluate the first N usable records (0 = all).")
+    max_new_tokens: int = _f(256, "Maximum tokens per generated answer.")
+    batch_size: int = _f(8, "Samples per generation / loss batch (left-padded for generation).")
+    device: str = _f("auto", "auto = cuda when available, else cpu; or any torch device string.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "Weight dtype: auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    do_sample: bool = _f(False, "Sample instead of greedy decoding (greedy is deterministic).")
+    temperature: float = _f(0.7, "Sampling temperature (with --do_sample).")
+    top_p: float = _f(0.9, "Nucleus sampling threshold (with --do_sample).")
+    seed: int = _f(42, "Seed for --do_sample.")
+    lora_alpha: int | None = _f(
+        None, "LoRA alpha of a .pt without meta (default: ModelConfig's lora_alpha, what training used)."
+    )
+    show_samples: int = _f(
+        -1, "Print the first N samples' answers (-1 = all, 0 = none); all go to answers.jsonl."
+    )
+    output_dir: str = _f("./outputs/inference", "Where report.json/.csv/.png and answers.jsonl are written.")
+    trust_remote_code: bool = _f(False, "Allow code shipped with a checkpoint to run.")
+    progress: bool = _f(True, "Show a progress bar per checkpoint.")

@@ -15,6 +15,7 @@ too many fail.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -233,6 +234,20 @@ class Collator:
         return batch
 
 
+def resolve_image_root(config: DataConfig, data_path: Path) -> Path:
+    """--image_root if given; else the source image root prepare_data recorded in the shard set's
+    manifest.json (shards live away from the images); else the data file's own folder."""
+    if config.image_root:
+        return Path(config.image_root)
+    for folder in (data_path.parent, data_path.parent.parent):
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            info = json.loads(manifest.read_text(encoding="utf-8"))
+            root = info.get("image_root") or info["config"].get("image_root")
+            return Path(root) if root else Path(info["source"]["path"]).parent
+    return data_path.parent
+
+
 def build_dataset(processor, config: DataConfig, data_path: str | None = None) -> RecordDataset:
     """The dataset of one data file (records validated on load; invalid ones counted and dropped)."""
     path = Path(data_path or config.data_path)
@@ -243,7 +258,7 @@ def build_dataset(processor, config: DataConfig, data_path: str | None = None) -
         logger.warning("%s: skipped %d invalid records %s", path, sum(skipped.values()), dict(skipped))
     if not records:
         raise rec.DataError(f"{path}: no usable records (skipped: {dict(skipped)})")
-    image_root = config.image_root or path.parent
+    image_root = resolve_image_root(config, path)
     return RecordDataset(records, SampleBuilder(processor, config, image_root))
 
 

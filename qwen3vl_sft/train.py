@@ -142,6 +142,8 @@ class SFTEngine:
 
     def __init__(self, config: SFTConfig):
         self.config = config
+        if config.train.torch_threads > 0:
+            torch.set_num_threads(config.train.torch_threads)
         start = time.monotonic()
         self.processor = load_processor(
             config.model.model_name_or_path, config.data, config.model.trust_remote_code

@@ -89,6 +89,61 @@ def load_exchanged(model, weights: Mapping[str, torch.Tensor]) -> None:
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
 
+def is_lora_state(weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether saved tensors are PEFT LoRA adapters (adapter-file names hold ``lora_A`` / ``lora_B``)."""
+    return any(".lora_A." in name or ".lora_B." in name for name in weights)
+
+
+def lora_layout(weights: Mapping[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """Rank and target module names of saved LoRA adapters, read from their names and shapes.
+
+    ``...self_attn.q_proj.lora_A.weight`` of shape (r, in_features) -> r and target ``q_proj``.
+    """
+    ranks, targets = set(), set()
+    for name, tensor in weights.items():
+        if ".lora_A." in name:
+            module = name.split(".lora_A.")[0]
+            targets.add(module.rsplit(".", 1)[-1])
+            ranks.add(int(tensor.shape[0]))
+    if len(ranks) != 1:
+        raise WeightsError(f"LoRA adapters must share one rank; found lora_A ranks {sorted(ranks)}")
+    return ranks.pop(), sorted(targets)
+
+
+def load_state_subset(model, weights: Mapping[str, torch.Tensor]) -> int:
+    """Copy a saved subset of ``model.state_dict()`` (a full-model global checkpoint) into ``model``.
+
+    Saved names are state_dict names (= safetensors names = exchanged names); tensors the file lacks
+    keep the base model's values (the frozen remainder). Refuses a file in which no name, or not
+    every name, is one of the model's. Returns how many tensors were applied.
+    """
+    state = model.state_dict()
+    unknown = sorted(set(weights) - set(state))
+    if len(unknown) == len(weights):
+        raise WeightsError(
+            f"none of the {len(weights)} saved tensors is a tensor of this model (saved e.g. "
+            f"{unknown[:3]}, model has e.g. {sorted(state)[:3]}): is it a Qwen3-VL global model for this base?"
+        )
+    if unknown:
+        raise WeightsError(
+            f"{len(unknown)} of {len(weights)} saved tensors are not in this model (e.g. {unknown[:3]}): "
+            "wrong --base_model?"
+        )
+    for name, tensor in weights.items():
+        if state[name].shape != tensor.shape:
+            raise WeightsError(
+                f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(state[name].shape)}: "
+                "wrong --base_model?"
+            )
+    model.load_state_dict(dict(weights), strict=False)  # copy_ casts bf16 to the model's dtype
+    return len(weights)
+
+
+def as_tensors(params: Mapping | None) -> dict[str, torch.Tensor]:
+    """Received parameters as CPU tensors (NVFlare may deliver numpy arrays)."""
+    return {name: torch.as_tensor(value) for name, value in (params or {}).items()}
+
+
 def checkpoint_name(exchanged_name: str) -> str:
     """Name of an exchanged (full fine-tuning) tensor in the model's safetensors files."""
     return exchanged_name
@@ -111,6 +166,7 @@ def meta_model(model_config):
     config = AutoConfig.from_pretrained(model_config.model_name_or_path)
     with init_empty_weights():
         model = cls._from_config(config, dtype=torch.bfloat16)
+    model.tie_weights()  # not done on the meta device by default; untied, lm_head would be exchanged twice
     return set_trainable(model, model_config)
 
 

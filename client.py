@@ -1,0 +1,27 @@
+"""NVFlare client: Qwen3-VL SFT on this site's shard, one round per FedAvg task.
+
+NVFlare starts it on each site (see job.py) as
+
+    torchrun --nproc_per_node=1 --master_port 29500 custom/client.py \
+        --model_name_or_path Qwen/Qwen3-VL-2B-Instruct --data_path /data/site-1/train.json \
+        --eval_data_path /data/site-1/val.json
+
+The flags are the engine's config dataclasses (qwen3vl_sft.config); the loop itself is
+qwen3vl_sft.fl_client.run_site: receive -> validate -> load -> train -> send.
+"""
+
+import logging
+
+from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig, parse
+from qwen3vl_sft.fl_client import run_site
+from qwen3vl_sft.train import SFTConfig
+
+
+def main(argv=None):
+    model, data, train = parse((ModelConfig, DataConfig, TrainConfig), argv, description=__doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    run_site(SFTConfig(model=model, data=data, train=train))
+
+
+if __name__ == "__main__":
+    main()

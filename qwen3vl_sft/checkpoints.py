@@ -1,0 +1,174 @@
+"""Global-model files: initial exchanged tensors from the base checkpoint, and HF directories.
+
+    python -m qwen3vl_sft.checkpoints --global_model FL_global_model.pt \\
+        --model_name_or_path tiny_models/qwen3-vl-tiny --output global_hf
+
+turns an NVFlare ``FL_global_model.pt`` into an HF directory that ``from_pretrained`` loads.
+
+The server never instantiates the model: initial tensors are read from the base checkpoint's
+safetensors by name, shapes come from a meta-device model, and the HF directory is written shard by
+shard (base shard + exchanged tensors replacing theirs), so the server holds at most one shard
+beyond the exchanged tensors.  LoRA global models become PEFT adapter directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .fileio import atomic_dir
+from .weights import EXCHANGE_DTYPE, checkpoint_name, exchanged_tensors, is_peft, meta_model
+
+PROCESSOR_FILES = (
+    "config.json", "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.json",
+    "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+)  # fmt: skip
+
+
+def base_model_dir(model_name_or_path: str) -> Path:
+    """Local directory of a checkpoint (a hub id is resolved through the local HF cache / download)."""
+    if os.path.isdir(model_name_or_path):
+        return Path(model_name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(model_name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+    )
+
+
+def safetensors_shards(model_dir: Path) -> dict[str, list[str]]:
+    """Shard file -> tensor names, from the index file or the single model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards: dict[str, list[str]] = {}
+        for name, shard in json.loads(index.read_text())["weight_map"].items():
+            shards.setdefault(shard, []).append(name)
+        return shards
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, "pt") as f:
+        return {"model.safetensors": list(f.keys())}
+
+
+def init_lora_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """PEFT's default LoRA init (A: Kaiming-uniform, B: zeros), without building the model.
+
+    Written by hand because PEFT only initialises adapters inside a materialised model, which the
+    server must not build; B = 0 makes the initial adapter a no-op whatever A is.
+    """
+    if ".lora_B." in name:
+        return torch.zeros(shape, dtype=EXCHANGE_DTYPE)
+    generator = torch.Generator().manual_seed(seed + sum(map(ord, name)))
+    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on a (r, in_features) matrix
+    return (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(EXCHANGE_DTYPE)
+
+
+def initial_exchanged(model_config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The exchanged tensors of the base model (bf16), read by name; no model is materialised."""
+    model = meta_model(model_config)
+    wanted = exchanged_tensors(model)
+    if is_peft(model):
+        return {name: init_lora_tensor(name, t.shape, seed) for name, t in wanted.items()}
+    model_dir = base_model_dir(model_config.model_name_or_path)
+    by_checkpoint = {checkpoint_name(n): n for n in wanted}
+    out: dict[str, torch.Tensor] = {}
+    for shard, names in safetensors_shards(model_dir).items():
+        with safe_open(model_dir / shard, "pt") as f:
+            for key in names:
+                if key in by_checkpoint:
+                    out[by_checkpoint[key]] = f.get_tensor(key).to(EXCHANGE_DTYPE)
+    missing = sorted(set(wanted) - set(out))
+    if missing:
+        raise KeyError(f"{model_dir}: exchanged tensors missing from the checkpoint: {missing[:5]}")
+    return out
+
+
+def _copy_processor_files(src: Path, dst: Path) -> None:
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _write_full_model(tensors: dict[str, torch.Tensor], base: Path, out: Path) -> None:
+    """Base shards with the exchanged tensors swapped in, one shard in memory at a time."""
+    by_checkpoint = {checkpoint_name(n): t for n, t in tensors.items()}
+    shards = safetensors_shards(base)
+    unknown = set(by_checkpoint) - {n for names in shards.values() for n in names}
+    if unknown:
+        raise KeyError(f"global model has tensors the base checkpoint lacks: {sorted(unknown)[:5]}")
+    for shard, names in shards.items():
+        with safe_open(base / shard, "pt") as f:
+            dtype = f.get_tensor(names[0]).dtype
+            data = {k: by_checkpoint[k].to(dtype) if k in by_checkpoint else f.get_tensor(k) for k in names}
+        save_file({k: v.contiguous() for k, v in data.items()}, out / shard, metadata={"format": "pt"})
+    if (base / "model.safetensors.index.json").is_file():
+        shutil.copy2(base / "model.safetensors.index.json", out / "model.safetensors.index.json")
+
+
+def _write_adapter(tensors: dict[str, torch.Tensor], model_config: ModelConfig, out: Path) -> None:
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=model_config.lora_r,
+        lora_alpha=model_config.lora_alpha,
+        lora_dropout=model_config.lora_dropout,
+        target_modules=model_config.lora_targets(),
+        bias="none",
+        base_model_name_or_path=model_config.model_name_or_path,
+    )
+    config.save_pretrained(str(out))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "adapter_model.safetensors")
+
+
+def write_hf_directory(
+    tensors: dict[str, torch.Tensor], model_config: ModelConfig, out: str | os.PathLike
+) -> Path:
+    """Write the global model as an HF model directory (full) or PEFT adapter directory (LoRA), atomically."""
+    base = base_model_dir(model_config.model_name_or_path)
+    with atomic_dir(out) as tmp:
+        tmp_path = Path(tmp)
+        _copy_processor_files(base, tmp_path)
+        if model_config.lora:
+            (tmp_path / "config.json").unlink(
+                missing_ok=True
+            )  # an adapter dir must not look like a full model
+            _write_adapter(tensors, model_config, tmp_path)
+        else:
+            _write_full_model(tensors, base, tmp_path)
+    return Path(out)
+
+
+def load_global_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an NVFlare global-model file, loaded without unpickling code."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    state = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a weights file (expected {{'model': {{name: tensor}}}})")
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import parse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--global_model", required=True)
+    parser.add_argument("--output", required=True)
+    args, rest = parser.parse_known_args(argv)
+    (model_config,) = parse((ModelConfig,), rest, description=__doc__)
+    out = write_hf_directory(load_global_pt(args.global_model), model_config, args.output)
+    print(f"HF directory written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Client side of the federated job: the NVFlare Client API loop around the SFT engine.
+
+Launched by NVFlare (through client.py) on each site as ``torchrun --nproc_per_node=K --master_port P
+client.py <flags>``; rank 0 talks to NVFlare and broadcasts to the other ranks.  Per round:
+
+1. receive the global model (rank 0) and broadcast it;
+2. validate it on the site's ``val.json`` (rank 0) -> ``val_loss`` / ``val_accuracy``;
+3. load it into the local model, strictly by name (frozen tensors stay local);
+4. train one round in-process;
+5. send the trainable tensors (bf16) with metrics; ``NUM_STEPS_CURRENT_ROUND`` = samples trained, so
+   FedAvg weights each site by the work it did.
+
+A failed round sends ``FLModel(params={})`` with the error in ``meta``: NVFlare skips empty results,
+so the site is left out of that round's average instead of averaging stale weights in.  An empty
+*received* model is fatal (every site failed and the server lost its model).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+from .config import DataConfig
+from .train import RoundResult, SFTConfig, SFTEngine
+from .weights import WeightsError, as_tensors, message_bytes
+
+logger = logging.getLogger("qwen3vl_sft.client")
+MIB = 2**20
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_process_group(world_size: int) -> None:
+    """One process group per site (gloo on CPU, nccl on GPU); HF Trainer reuses it for DDP."""
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend=backend)
+
+
+def broadcast(obj, world_size: int):
+    """rank 0's object on every rank (tensors travel pickled between our own processes only)."""
+    if world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def validate(engine: SFTEngine, data: DataConfig) -> dict[str, float]:
+    """Loss and accuracy of the received global model on the site's validation file (if any)."""
+    if not data.eval_data_path:
+        return {}
+    from .evaluate import evaluate_file
+
+    start = time.monotonic()
+    scores = evaluate_file(engine.model, engine.processor, data, data.eval_data_path)
+    metrics = {
+        f"val_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and math.isfinite(v)
+    }
+    metrics["val_seconds"] = time.monotonic() - start
+    return metrics
+
+
+def log_metrics(writer, metrics: dict[str, float], step: int) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(key, value, global_step=step)
+
+
+class SiteRunner:
+    """Runs rounds for one site; only rank 0 holds the NVFlare connection."""
+
+    def __init__(self, config: SFTConfig, site: str, rank: int, world_size: int):
+        self.config, self.site = config, site
+        self.rank, self.world_size = rank, world_size
+        self.engine: SFTEngine | None = None
+
+    def round(self, received: dict[str, torch.Tensor], current_round: int, total_rounds: int) -> RoundResult:
+        if not received:
+            raise WeightsError(
+                f"{self.site} received an empty global model in round {current_round}: every site failed the "
+                "previous round. Fix the sites (see their logs) and restart with --resume."
+            )
+        if self.engine is None or not self.config.train.keep_model_between_rounds:
+            self.engine = SFTEngine(self.config)
+        val = validate(self.engine, self.config.data) if self.rank == 0 else {}
+        self.engine.apply(received)
+        result = self.engine.train_round(round_index=current_round, num_rounds=total_rounds)
+        result.metrics.update(val)
+        return result
+
+
+def run_site(config: SFTConfig) -> None:
+    """The client loop (numbered steps in the module docstring)."""
+    import nvflare.client as flare
+    from nvflare.client.tracking import SummaryWriter
+
+    rank, world_size = rank_and_world()
+    init_process_group(world_size)
+    flare.init(rank=str(rank))  # before the slow model load: NVFlare's launch timeout is running
+    site = flare.get_site_name() if rank == 0 else f"rank-{rank}"
+    runner = SiteRunner(config, site, rank, world_size)
+    writer = SummaryWriter() if rank == 0 else None
+    while True:
+        running = broadcast(flare.is_running() if rank == 0 else None, world_size)
+        if not running:
+            break
+        start = time.monotonic()
+        model = flare.receive() if rank == 0 else None
+        received = broadcast(as_tensors(model.params) if rank == 0 else None, world_size)
+        rounds = broadcast((model.current_round, (model.start_round or 0) + model.total_rounds) if rank == 0 else None,
+                           world_size)  # fmt: skip
+        current_round, total_rounds = rounds
+        logger.info(
+            "%s round %s: received %.1f MiB", site, current_round, message_bytes(received or {}) / MIB
+        )
+        try:
+            result = runner.round(received, current_round, total_rounds)
+        except WeightsError:
+            raise  # an empty or mismatched global model: nothing sensible to train on
+        except Exception as err:  # noqa: BLE001 - any failure (OOM, bad data) is reported, the federation goes on
+            logger.error("Qwen SFT failed on %s: %s", site, err)
+            if rank == 0:
+                flare.send(
+                    flare.FLModel(
+                        params={}, params_type="FULL", meta={"error": f"{type(err).__name__}: {err}"}
+                    )
+                )
+            continue
+        if rank == 0:
+            send_result(flare, writer, site, current_round, result, time.monotonic() - start)
+
+
+def send_result(flare, writer, site: str, current_round: int, result: RoundResult, elapsed: float) -> None:
+    """Step 5: metrics to the tracker and the log, tensors + metrics to the server."""
+    from nvflare.app_common.abstract.fl_model import FLMetaKey
+
+    metrics = dict(result.metrics)
+    metrics["sent_mib"] = message_bytes(result.weights) / MIB
+    metrics["overhead_seconds"] = elapsed - metrics["seconds"] - metrics.get("val_seconds", 0.0)
+    log_metrics(writer, metrics, current_round)
+    logger.info("%s round %s: %s", site, current_round, {k: round(v, 4) for k, v in metrics.items()})
+    meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: max(int(metrics["samples"]), 1), "site": site}
+    flare.send(flare.FLModel(params=result.weights, params_type="FULL", metrics=metrics, meta=meta))

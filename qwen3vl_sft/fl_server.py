@@ -1,0 +1,158 @@
+"""Server side of the federated job: the lean global model and its persistor.
+
+    python -m qwen3vl_sft.fl_server --model_name_or_path tiny_models/qwen3-vl-tiny
+
+prints the global model the server would hold (tensor count, MiB) for a configuration.
+
+:class:`GlobalModel` holds only the exchanged tensors (trainable, de-duplicated, bf16), read from the
+base checkpoint's safetensors — the server never builds the 2B model.  :class:`GlobalModelPersistor`
+extends NVFlare's ``PTFileModelPersistor``: besides ``FL_global_model.pt`` it writes, every round and
+atomically, ``global_model_hf/`` (an HF directory, or a PEFT adapter directory with LoRA) and keeps
+``best_global_model_hf/`` (+ ``best_FL_global_model.pt``) for the model with the best site validation
+score.  Sites validate the global model they *receive*, so round r's score belongs to the model saved in
+round r-1: the persistor promotes that one.  An empty aggregate (every site failed) is refused: the job
+stops with the previous global model on disk instead of sending an empty model on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoints import initial_exchanged, write_hf_directory
+from .config import ModelConfig
+from .fileio import atomic_write_json
+
+logger = logging.getLogger(__name__)
+LATEST_HF_DIR = "global_model_hf"
+BEST_HF_DIR = "best_global_model_hf"
+STATE_FILE = "fl_state.json"
+
+
+class GlobalModel(torch.nn.Module):
+    """The server's model: just the exchanged tensors, under their exchanged names."""
+
+    def __init__(self, model_config: dict | None = None, seed: int = 0):
+        super().__init__()
+        self.model_config = ModelConfig(**(model_config or {}))
+        self._tensors = initial_exchanged(self.model_config, seed)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: ARG002 - nn.Module signature
+        return dict(self._tensors)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ARG002
+        self._tensors = dict(state_dict)
+
+
+def _persistor_base():
+    from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+    return PTFileModelPersistor
+
+
+class GlobalModelPersistor(_persistor_base()):
+    """PTFileModelPersistor that also writes HF directories and keeps the best model by site validation."""
+
+    def __init__(
+        self,
+        model_config: dict,
+        model: dict | None = None,
+        source_ckpt_file_full_name: str | None = None,
+        key_metric: str = "val_accuracy",
+        key_mode: str = "max",
+    ):
+        # Arguments are named, not **kwargs: NVFlare writes constructor arguments into the job config.
+        # allow_numpy_conversion off: bf16 has no numpy dtype, and clients train on tensors anyway.
+        super().__init__(
+            model=model, source_ckpt_file_full_name=source_ckpt_file_full_name, allow_numpy_conversion=False
+        )
+        self.model_config = (
+            model_config  # kept as given: NVFlare serialises constructor arguments into the job
+        )
+        self._model_cfg = ModelConfig(**model_config)
+        self.key_metric, self.key_mode = key_metric, key_mode
+        self.best_value: float | None = None
+        self._round_metrics: dict | None = None
+
+    def handle_event(self, event: str, fl_ctx) -> None:
+        from nvflare.app_common.app_constant import AppConstants
+        from nvflare.app_common.app_event_type import AppEventType
+
+        if event == AppEventType.AFTER_AGGREGATION:
+            result = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
+            self._round_metrics = dict(result.metrics or {}) if result is not None else None
+        super().handle_event(event, fl_ctx)
+
+    def save_model(self, ml, fl_ctx) -> None:
+        from nvflare.app_common.abstract.model import ModelLearnableKey
+        from nvflare.app_common.app_constant import AppConstants
+
+        weights = ml.get(ModelLearnableKey.WEIGHTS) or {}
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if not weights:
+            self.system_panic(
+                f"round {current_round}: every site failed, the aggregate is empty; the job stops and keeps the "
+                f"last global model in {self.log_dir}",
+                fl_ctx,
+            )
+            return
+        self._maybe_promote_previous(current_round)
+        super().save_model(ml, fl_ctx)
+        tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
+        write_hf_directory(tensors, self._model_cfg, Path(self.log_dir) / LATEST_HF_DIR)
+        atomic_write_json(Path(self.log_dir) / STATE_FILE, self._state(current_round))
+        self.log_info(fl_ctx, f"Global model of round {current_round} saved to {self._ckpt_save_path} and "
+                              f"{Path(self.log_dir) / LATEST_HF_DIR}")  # fmt: skip
+
+    def _state(self, current_round) -> dict:
+        return {
+            "last_round": current_round,
+            "metrics": self._round_metrics,
+            "best_value": self.best_value,
+            "key_metric": self.key_metric,
+            "model_config": self.model_config,
+        }
+
+    def _maybe_promote_previous(self, current_round) -> None:
+        """Round r's validation scored the model saved in round r-1 (still on disk): promote it if best."""
+        value = (self._round_metrics or {}).get(self.key_metric)
+        latest_dir = Path(self.log_dir) / LATEST_HF_DIR
+        if value is None or not latest_dir.is_dir() or not os.path.isfile(self._ckpt_save_path):
+            return
+        better = self.best_value is None or (
+            value > self.best_value if self.key_mode == "max" else value < self.best_value
+        )
+        if not better:
+            return
+        self.best_value = value
+        best_dir = Path(self.log_dir) / BEST_HF_DIR
+        tmp_dir = best_dir.with_name(best_dir.name + ".tmp")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.copytree(latest_dir, tmp_dir)
+        shutil.rmtree(best_dir, ignore_errors=True)
+        os.replace(tmp_dir, best_dir)
+        shutil.copy2(self._ckpt_save_path, self._best_ckpt_save_path + ".tmp")
+        os.replace(self._best_ckpt_save_path + ".tmp", self._best_ckpt_save_path)
+        logger.info("Round %s: %s=%.4f is the best so far; model of round %s kept as best", current_round,
+                    self.key_metric, value, int(current_round) - 1)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import parse
+
+    (model_config,) = parse(
+        (ModelConfig,), argv, description="The server's global model for a configuration."
+    )
+    model = GlobalModel(model_config.__dict__)
+    state = model.state_dict()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    print(json.dumps({"tensors": len(state), "MiB": round(size / 2**20, 2)}))
+
+
+if __name__ == "__main__":
+    main()
