@@ -1,0 +1,258 @@
+"""The official Qwen3-VL backend, run against a tests-only fake clone (tests/fake_qwen3vl).
+
+    .venv/bin/python -m pytest tests/test_official.py -q
+
+The fake reproduces upstream's layout and call contract under transformers 5 on CPU and records what
+it loaded in ``output/fake_run.json``; the tiny ``qwen-ids`` checkpoint has the token ids upstream's
+label masking hard-codes, so a round really trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen3vl_sft import synthetic, tiny
+from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
+from qwen3vl_sft.official import (
+    Environment,
+    OfficialBackend,
+    OfficialBackendError,
+    model_dir_for,
+    upstream_arguments,
+    upstream_model_type,
+)
+from qwen3vl_sft.records import ensure_image_placeholders
+from qwen3vl_sft.train import SFTConfig
+from qwen3vl_sft.weights import exchanged_names, meta_model
+
+FAKE_ROOT = Path(__file__).parent / "fake_qwen3vl"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny.build(tmp_path_factory.mktemp("models") / "tiny-qwen-ids", variant="qwen-ids")
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(train.json of site-1, image root): 4 single-image records with <image> placeholders."""
+    root = tmp_path_factory.mktemp("data")
+    spec = synthetic.SyntheticSpec(num_records=4, multi_image_fraction=0.0, multi_turn_fraction=0.0)
+    source = synthetic.generate(root / "synth", spec)
+    records = [ensure_image_placeholders(r) for r in json.loads(source.read_text())]
+    train_json = root / "site-1" / "train.json"
+    train_json.parent.mkdir()
+    train_json.write_text(json.dumps(records))
+    return train_json, source.parent
+
+
+@pytest.fixture
+def config(tiny_model, site_data) -> SFTConfig:
+    train_json, image_root = site_data
+    return SFTConfig(
+        model=ModelConfig(
+            model_name_or_path=str(tiny_model), dtype="float32"
+        ),  # same flags with or without CUDA
+        data=DataConfig(data_path=str(train_json), image_root=str(image_root), dataloader_num_workers=0),
+        train=TrainConfig(
+            learning_rate=1e-3,
+            per_device_train_batch_size=1,
+            max_steps=1,
+            warmup_ratio=0.0,  # with one step, any warm-up would make the only step a zero-lr step
+            logging_steps=1,
+            disable_progress_bar=True,
+        ),
+    )
+
+
+@pytest.fixture
+def process_group(tmp_path, monkeypatch):
+    """A one-process gloo group, as a torchrun-launched client has (upstream's train() needs one)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # in-process mode puts the clone on sys.path
+    created = not torch.distributed.is_initialized()
+    if created:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+        )
+    yield
+    if created:
+        torch.distributed.destroy_process_group()
+    for name, module in list(sys.modules.items()):  # the fake's generic names (trainer, ...) must not leak
+        origin = getattr(getattr(module, "__spec__", None), "origin", None) or ""
+        if name.split(".")[0] == "qwenvl" or str(FAKE_ROOT) in origin:
+            del sys.modules[name]
+
+
+def start_weights(model_dir: Path, names: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """The base checkpoint's exchanged tensors, shifted by seeded noise, in bf16 (what a server sends)."""
+    base = load_file(str(model_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    return {n: (base[n] + 0.05 * torch.randn(base[n].shape, generator=gen)).to(torch.bfloat16) for n in names}
+
+
+def fake_record(backend: OfficialBackend) -> dict:
+    return json.loads((backend.checkpoints_dir / "output" / "fake_run.json").read_text())
+
+
+def assert_fake_loaded(record: dict, weights: dict[str, torch.Tensor]) -> None:
+    for name, tensor in weights.items():
+        assert math.isclose(
+            record["param_sums"][name], float(tensor.double().sum()), rel_tol=1e-9, abs_tol=1e-9
+        ), name
+
+
+def flag(record: dict, name: str) -> str:
+    argv = record["argv"]
+    return argv[argv.index(f"--{name}") + 1]
+
+
+def test_in_process_rounds_train_from_received_weights_and_clean_between_rounds(
+    config, tiny_model, site_data, tmp_path, process_group, caplog
+):
+    caplog.set_level("INFO", logger="qwen3vl_sft.official")
+    backend = OfficialBackend(config, root=str(FAKE_ROOT), work_dir=tmp_path / "ws", dataset_name="site-1")
+    assert backend.mode == "in_process"
+    assert "in-process mode (the clone's imports all resolve in this interpreter)" in caplog.text
+    names = exchanged_names(meta_model(config.model))
+    start = start_weights(tiny_model, names, seed=0)
+
+    result = backend.train_round(start, round_index=0, num_rounds=2)
+
+    assert list(result.weights) == names
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in result.weights.values())
+    record = fake_record(backend)
+    assert_fake_loaded(record, start)
+    assert any(not torch.equal(result.weights[n], start[n]) for n in names), (
+        "one optimizer step changed nothing"
+    )
+    # The directory upstream loaded: "qwen3" in the path, no "a" in its name -> the dense class.
+    loaded = record["model_name_or_path"]
+    assert record["model_class"] == "Qwen3VLForConditionalGeneration"
+    assert "qwen3" in loaded.lower() and "a" not in Path(loaded).name.lower()
+    assert Path(loaded).parent == tmp_path / "ws" / "qwen3vl_checkpoints"
+    train_json, image_root = site_data
+    assert record["datasets"] == [
+        {"annotation_path": str(train_json), "data_path": str(image_root), "sampling_rate": 1.0}
+    ]
+    expected = {"dataset_use": "site-1", "learning_rate": "0.001", "max_steps": "1", "save_strategy": "no"}
+    expected |= {"tune_mm_vision": "False", "tune_mm_llm": "True", "data_flatten": "False", "bf16": "False"}
+    assert {k: flag(record, k) for k in expected} == expected
+    state = json.loads((backend.checkpoints_dir / "output" / "trainer_state.json").read_text())
+    assert result.metrics["train_loss"] == state["log_history"][-1]["train_loss"] > 0
+    assert (result.metrics["steps"], result.metrics["samples"]) == (1, 1)
+
+    # Round 2 must start from a clean directory: the fake raises on a leftover checkpoint-*.
+    (backend.checkpoints_dir / "output" / "checkpoint-7").mkdir()
+    (backend.checkpoints_dir / "stale.txt").write_text("from round 1")
+    second = start_weights(tiny_model, names, seed=1)
+    backend.train_round(second, round_index=1, num_rounds=2)
+    assert not (backend.checkpoints_dir / "stale.txt").exists()
+    assert_fake_loaded(fake_record(backend), second)
+
+
+def test_subprocess_round_in_another_python(config, tiny_model, tmp_path, caplog):
+    # A different interpreter path stands for the environment built for the clone.
+    other_python = tmp_path / "clone-env-python"
+    other_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    other_python.chmod(0o755)
+    caplog.set_level("INFO", logger="qwen3vl_sft.official")
+    backend = OfficialBackend(config, root=str(FAKE_ROOT), python=str(other_python), work_dir=tmp_path / "ws")
+    assert backend.mode == "subprocess" and not backend.env.current
+    assert "subprocess mode (the clone's environment is another interpreter" in caplog.text
+    names = exchanged_names(meta_model(config.model))
+    start = start_weights(tiny_model, names, seed=2)
+
+    result = backend.train_round(start)
+
+    assert list(result.weights) == names
+    record = fake_record(backend)
+    assert_fake_loaded(record, start)
+    assert record["world_size"] == 1  # started by torchrun, process group set up
+    log = (tmp_path / "ws" / "qwen3vl_logs" / "round-0.log").read_text()
+    assert "train_loss" in log and "[qwen3vl]" in caplog.text
+    assert result.metrics["steps"] == 1 and math.isfinite(result.metrics["train_loss"])
+
+
+def test_failing_child_raises_with_the_log_path(config, tmp_path):
+    clone = tmp_path / "broken-clone"
+    shutil.copytree(FAKE_ROOT, clone)
+    entry = clone / "qwen-vl-finetune" / "qwenvl" / "train" / "train_qwen.py"
+    entry.write_text(
+        'def train(attn_implementation="flash_attention_2"):\n    raise RuntimeError("simulated OOM")\n'
+    )
+    backend = OfficialBackend(config, root=str(clone), work_dir=tmp_path / "ws", mode="subprocess")
+    log = tmp_path / "ws" / "qwen3vl_logs" / "round-3.log"
+    with pytest.raises(OfficialBackendError, match="exit code") as err:
+        backend.train_round(round_index=3)
+    assert "RuntimeError: simulated OOM" in str(err.value) and str(log) in str(err.value)
+    assert "\n" not in str(err.value)
+    assert "simulated OOM" in log.read_text()
+
+
+def test_missing_or_wrong_clone_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("QWEN3VL_ROOT", raising=False)
+    with pytest.raises(OfficialBackendError) as err:
+        OfficialBackend(SFTConfig())
+    assert "QWEN3VL_ROOT" in str(err.value) and "--qwen3vl_root" in str(err.value)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("QWEN3VL_ROOT", str(tmp_path))
+    with pytest.raises(OfficialBackendError, match=f"{tmp_path} is not a clone of QwenLM/Qwen3-VL"):
+        OfficialBackend(SFTConfig())
+
+
+def test_incompatible_environment_names_the_failing_imports(config, tmp_path):
+    clone = tmp_path / "clone"
+    shutil.copytree(FAKE_ROOT, clone)
+    trainer = clone / "qwen-vl-finetune" / "qwenvl" / "train" / "trainer.py"
+    # What upstream's trainer.py imports and what fails under transformers 5 / without flash-attn.
+    trainer.write_text(
+        trainer.read_text()
+        + "from flash_attn.flash_attn_interface import flash_attn_varlen_func\n"
+        + "from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb\n"
+    )
+    with pytest.raises(OfficialBackendError) as err:
+        OfficialBackend(config, root=str(clone), work_dir=tmp_path)
+    message = str(err.value)
+    assert "import flash_attn.flash_attn_interface" in message and "--qwen3vl_python" in message
+    assert "apply_multimodal_rotary_pos_emb" in message and "\n" not in message
+
+
+def test_path_name_rule_picks_the_checkpoint_class():
+    parent = Path("/srv/site-1/qwen3vl_checkpoints")
+    dense, moe = model_dir_for(parent, "qwen3_vl"), model_dir_for(parent, "qwen3_vl_moe")
+    assert "a" not in dense.name and "a" in moe.name
+    assert (upstream_model_type(dense), upstream_model_type(moe)) == ("qwen3_vl", "qwen3_vl_moe")
+    assert upstream_model_type("/m/Qwen3-VL-30B-A3B-Instruct/") == "qwen3_vl_moe"
+    assert upstream_model_type("/m/Qwen3-VL-2B-Instruct") == "qwen3_vl"
+    assert upstream_model_type("/data/base_model") == "qwen2_vl"
+
+
+def test_upstream_arguments_follow_the_target_environment(config):
+    config.model.dtype = "auto"  # bf16 when the clone's environment has CUDA
+    gpu_env = Environment(
+        python="/env/bin/python", current=False, versions={"transformers": "4.57.0.dev0"}, cuda=True
+    )
+    argv = upstream_arguments(config, Path("/w/m"), Path("/w/o"), "site-2", gpu_env, "flash_attention_2")
+    args = dict(zip(argv[::2], argv[1::2], strict=True))
+    assert args["--warmup_ratio"] == "0.0" and "--warmup_steps" not in args
+    assert (args["--bf16"], args["--fp16"], args["--data_flatten"]) == ("True", "False", "True")
+    assert (args["--max_pixels"], args["--min_pixels"], args["--model_max_length"]) == (
+        "50176",
+        "784",
+        "8192",
+    )
+    assert "--gradient_checkpointing" not in args
+
+
+def test_lora_is_refused_before_anything_runs(config):
+    config.model.lora = True
+    with pytest.raises(OfficialBackendError, match="--lora"):
+        OfficialBackend(config, root=str(FAKE_ROOT))
