@@ -73,7 +73,9 @@ class PrepareDataConfig:
         "Drop records whose image files are missing under --image_root. false = only check that paths "
         "stay inside it (to prepare shards on a machine without the images).",
     )
-    num_workers: int = _f(0, "Processes that read the data file in parallel (0 = one per CPU core, at most 4).")
+    num_workers: int = _f(
+        0, "Processes that read the data file in parallel (0 = one per CPU core, at most 4)."
+    )
 
 
 @dataclass

@@ -34,7 +34,15 @@ ROLES = {"human": "user", "gpt": "assistant"}
 
 
 class SkipSample(Exception):
-    """A sample that cannot be trained on (reason in the message); it is counted, never trained."""
+    """A sample that cannot be trained on (reason in the message); it is counted, never trained.
+
+    ``kind`` is "image" (missing/corrupt image: counts toward max_bad_sample_fraction) or "no_answer"
+    (nothing left to supervise after truncation).
+    """
+
+    def __init__(self, message: str, kind: str = "image"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def to_messages(record: dict, system_prompt: str = "") -> list[dict]:
@@ -169,7 +177,9 @@ class SampleBuilder:
         cut = truncation_point(input_ids, self.config.model_max_length, self.ids)
         labels = mask_labels(input_ids[:cut], self.ids)
         if all(label == IGNORE_INDEX for label in labels):
-            raise SkipSample(f"record {record.get('id')!r}: no answer token left within model_max_length")
+            raise SkipSample(
+                f"record {record.get('id')!r}: no answer token left within model_max_length", "no_answer"
+            )
         sample = {
             "input_ids": torch.tensor(input_ids[:cut]),
             "labels": torch.tensor(labels),
@@ -199,18 +209,21 @@ class RecordDataset(torch.utils.data.Dataset):
             return self.builder(self.records[index])
         except SkipSample as err:
             logger.warning("Skipping sample: %s", err)
-            return {"skipped": str(err)}
+            return {"skipped": err.kind}
 
 
 class Collator:
-    """Right-pads a list of samples into a batch; counts the skipped ones in ``num_skipped``."""
+    """Right-pads samples into a batch; counts skipped ones in ``num_skipped`` (bad image) / ``num_dropped``."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         kept = [s for s in samples if "skipped" not in s]
-        batch: dict[str, torch.Tensor] = {"num_skipped": torch.tensor(len(samples) - len(kept))}
+        batch: dict[str, torch.Tensor] = {
+            "num_skipped": torch.tensor(sum(s.get("skipped") == "image" for s in samples)),
+            "num_dropped": torch.tensor(sum(s.get("skipped") == "no_answer" for s in samples)),
+        }
         if not kept:
             return batch
         width = max(len(s["input_ids"]) for s in kept)

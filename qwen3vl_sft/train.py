@@ -57,12 +57,15 @@ class RoundCounters:
     samples: int = 0
     supervised_tokens: int = 0
     skipped: int = 0
+    dropped: int = 0
 
     def reduce(self) -> RoundCounters:
         """Sum over DDP ranks (each rank saw its own share of the batches)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return self
-        counts = torch.tensor([self.samples, self.supervised_tokens, self.skipped], dtype=torch.long)
+        counts = torch.tensor(
+            [self.samples, self.supervised_tokens, self.skipped, self.dropped], dtype=torch.long
+        )
         if torch.distributed.get_backend() == "nccl":
             counts = counts.cuda()
         torch.distributed.all_reduce(counts)
@@ -93,6 +96,7 @@ class RoundTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.counters.skipped += int(inputs.pop("num_skipped", 0))
+        self.counters.dropped += int(inputs.pop("num_dropped", 0))
         self._check_bad_fraction()
         if "input_ids" not in inputs:  # every sample of this micro-batch was skipped
             return torch.zeros((), device=self.args.device)
@@ -131,7 +135,7 @@ def training_arguments(config: SFTConfig) -> TrainingArguments:
         use_cpu=not cuda,
         remove_unused_columns=False,
         dataloader_num_workers=config.data.dataloader_num_workers,
-        gradient_checkpointing=config.model.gradient_checkpointing,
+        activation_checkpointing=config.model.gradient_checkpointing,
         ddp_find_unused_parameters=False,
         disable_tqdm=t.disable_progress_bar,
     )
@@ -184,6 +188,7 @@ class SFTEngine:
             "samples": counts.samples,
             "supervised_tokens": counts.supervised_tokens,
             "skipped_samples": counts.skipped,
+            "dropped_samples": counts.dropped,
             "seconds": seconds,
             "samples_per_second": counts.samples / seconds if seconds > 0 else 0.0,
             "learning_rate_end": float(trainer.lr_scheduler.get_last_lr()[0]),
