@@ -54,8 +54,9 @@ def download_split(split_name: str) -> str:
 
 
 def _member_target(name: str) -> str | None:
-    """Where an archive member goes below ``images/``: the part after any leading ``images/`` folder
-    (archives have been seen with and without it), or None for folders and unsafe names.
+    """Where an archive member goes below ``images/``: the part after a leading ``images/`` folder
+    if the archive stores one (so both layouts give ``images/<name>.jpg``, as records expect), or
+    None for folders and unsafe names (absolute, ``..``).
     """
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if "images" in parts[:-1]:

@@ -198,16 +198,22 @@ def main() -> None:
         cmd += ["--check_images", "false"]
     size_mb = os.path.getsize(data_file) / 1e6
     print(f"$ {' '.join(cmd)}\n  input: {args.records} records, {size_mb:.0f} MB")
+    load_before = os.getloadavg()[0]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
     wall = time.perf_counter() - t
-    rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss_gib = usage.ru_maxrss / 2**20  # KiB on Linux; the largest single child process
     print(
         f"wall {wall:.1f} s (target <= {TARGET_SECONDS:.0f} s): {'OK' if wall <= TARGET_SECONDS else 'OVER'}"
     )
     print(
-        f"peak RSS {rss_gib:.2f} GiB (target <= {TARGET_RSS_GIB} GiB): "
-        f"{'OK' if rss_gib <= TARGET_RSS_GIB else 'OVER'}"
+        f"peak RSS {rss_gib:.2f} GiB (target <= {TARGET_RSS_GIB} GiB): {'OK' if rss_gib <= TARGET_RSS_GIB else 'OVER'}"
+    )
+    print(
+        f"CPU {usage.ru_utime + usage.ru_stime:.1f} s (user {usage.ru_utime:.1f} + sys {usage.ru_stime:.1f}) "
+        f"on {os.cpu_count()} cores; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        "(other processes make wall time longer)"
     )
 
 

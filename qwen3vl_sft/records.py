@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 PLACEHOLDER = "<image>"
 # JSON-escaped text inserted in front of a question per missing image ("<image>" then a newline).
 _PLACEHOLDER_JSON = b"<image>\\n"
-_CHUNK_BYTES = 1 << 23  # 8 MiB: large enough that per-chunk overhead vanishes, small for memory
+_CHUNK_BYTES = 1 << 20  # 1 MiB: per-chunk overhead vanishes, and decoding stays in the CPU cache
 _WS = re.compile(r"[ \t\n\r]*")
 _SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 _VALUE_KEY = re.compile(r'"value"[ \t\n\r]*:[ \t\n\r]*"')
@@ -111,9 +111,8 @@ def check_record(record: Any) -> str | None:
 
 
 def missing_placeholders(record: dict) -> int:
-    """How many ``<image>`` placeholders must be added so that there is one per image.
-
-    ``record`` must have passed :func:`check_record`.
+    """How many ``<image>`` placeholders must be added so that there is one per image (0 for a
+    record that fails :func:`check_record`).
     """
     return inspect_record(record)[1]
 
@@ -123,8 +122,8 @@ def ensure_image_placeholders(record: dict) -> dict:
 
     Missing placeholders are prepended as ``"<image>\\n"`` each (the Qwen-VL single/multi-image
     format), so ``"Q"`` with two images becomes ``"<image>\\n<image>\\nQ"``.  The input is not
-    modified; it is returned as is when nothing is missing.  A string ``image`` becomes a list.
-    ``record`` must have passed :func:`check_record`.
+    modified; it is returned as is when nothing is missing, or when it fails :func:`check_record`
+    (there may be no human turn to put them in).  A string ``image`` becomes a list.
     """
     missing = missing_placeholders(record)
     if not missing and not isinstance(record.get("image"), str):
@@ -182,6 +181,11 @@ class ImageIndex:
         self.root = os.path.abspath(image_root)
         self.check_exists = check_exists
         self._listings: dict[str, frozenset[str]] = {}
+
+    def preload(self, folder: str = "images") -> None:
+        """List ``folder`` now (PubMedVision keeps every image in ``images/``), e.g. before forking."""
+        if self.check_exists:
+            self._names_in(folder)
 
     def _names_in(self, folder: str) -> frozenset[str]:
         names = self._listings.get(folder)
@@ -287,8 +291,8 @@ class _Reader:
     """
 
     def __init__(self, f: BinaryIO, path: str, start: int = 0):
-        self.f, self.path, self.start = f, path, start
-        self.text, self.base, self.lines, self.eof = "", start, 0, False  # lines: consumed since start
+        self.f, self.path = f, path
+        self.text, self.base, self.eof = "", start, False
         self._utf8 = codecs.getincrementaldecoder("utf-8")()  # validation only; output discarded
         f.seek(start)
 
@@ -298,7 +302,6 @@ class _Reader:
             return False
         data = self.f.read(_CHUNK_BYTES)
         self._check_utf8(data)
-        self.lines += self.text.count("\n", 0, keep_from)
         self.base += keep_from
         self.text = self.text[keep_from:] + data.decode("latin-1")
         self.eof = not data
@@ -325,7 +328,7 @@ class _Reader:
 
     def error(self, at: int, what: str) -> DataError:
         """A one-line error for ``text[at]``: file, line, column (in bytes), byte offset."""
-        line = _lines_before(self.path, self.start) + self.lines + self.text.count("\n", 0, at) + 1
+        line = _lines_before(self.path, self.base) + self.text.count("\n", 0, at) + 1  # counted only now
         nl = self.text.rfind("\n", 0, at)
         col = f", column {at - nl}" if nl >= 0 else ""
         return DataError(f"malformed JSON in {self.path}: line {line}{col} (byte {self.base + at}): {what}")

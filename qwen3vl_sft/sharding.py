@@ -27,11 +27,12 @@ import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from qwen3vl_sft.config import PrepareDataConfig
 from qwen3vl_sft.fileio import atomic_write_json, publish
 from qwen3vl_sft.records import (
     DataError,
@@ -123,18 +124,58 @@ def collect(path: str, images: ImageIndex, workers: int = 1) -> Pool:
     With ``workers > 1`` (and ``fork`` available) the file is cut at record boundaries and the parts
     are read by that many processes (this process reads the first); the result is the same.
     """
-    points = split_points(path, workers) if "fork" in multiprocessing.get_all_start_methods() else [0]
-    ranges = list(zip(points, [*points[1:], None], strict=True))
-    if len(ranges) == 1:
+    can_fork = "fork" in multiprocessing.get_all_start_methods()
+    points = split_points(path, workers) if can_fork else [0]
+    if len(points) == 1:
         return _collect_range(path, images, 0, None)
-    context = multiprocessing.get_context("fork")  # children inherit the imports: no start-up cost
-    with ProcessPoolExecutor(len(ranges) - 1, mp_context=context) as pool:
-        futures = [pool.submit(_collect_range, path, images, *r) for r in ranges[1:]]
-        try:
-            parts = [_collect_range(path, images, *ranges[0])] + [f.result() for f in futures]
-        except MisalignedSplit:  # a split point was not a record start: read it all in order
-            return _collect_range(path, images, 0, None)
+    images.preload()  # one listing, inherited by the forked readers instead of one each
+    ranges = list(zip(points, [*points[1:], None], strict=True))
+    children = [_Forked(_collect_range, path, images, *r) for r in ranges[1:]]
+    try:
+        parts = [_collect_range(path, images, *ranges[0])] + [child.result() for child in children]
+    except MisalignedSplit:  # a split point was not a record start: read it all in order
+        return _collect_range(path, images, 0, None)
+    finally:
+        for child in children:
+            child.close()
     return _merge(parts)
+
+
+class _Forked:
+    """``fn(*args)`` run in a forked child: the arguments are inherited, not pickled (the image
+    listing alone is ~100 MB); the result comes back through a pipe.
+    """
+
+    def __init__(self, fn, *args):
+        context = multiprocessing.get_context("fork")
+        self.conn, child_end = context.Pipe(duplex=False)
+        self.process = context.Process(target=_child_main, args=(child_end, fn, args), daemon=True)
+        self.process.start()  # flushes stdout first, so buffered output is not printed twice
+        child_end.close()
+
+    def result(self):
+        try:
+            ok, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"a reader process died (exit code {self.process.exitcode})") from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self.process.is_alive():  # only when this process failed first: its work is not needed
+            self.process.terminate()
+        self.process.join()
+        self.conn.close()
+
+
+def _child_main(conn, fn, args) -> None:
+    try:
+        result = (True, fn(*args))
+    except (DataError, MisalignedSplit) as e:  # expected failures travel back; bugs print a traceback
+        result = (False, e)
+    conn.send(result)
+    conn.close()
 
 
 def _collect_range(path: str, images: ImageIndex, start: int, stop: int | None) -> Pool:
@@ -198,7 +239,7 @@ class Split:
     dropped_by_subset_size: int
 
 
-def check_config(cfg) -> None:
+def check_config(cfg: PrepareDataConfig) -> None:
     """Refuse flag values the split cannot honour, naming the flag."""
     if cfg.num_clients <= 0:
         raise DataError(f"--num_clients must be at least 1 (got {cfg.num_clients})")
@@ -257,7 +298,9 @@ def _assign_dirichlet(
     )
 
 
-def _assign(pool: Pool, idx: np.ndarray, cfg, rng: np.random.Generator) -> list[np.ndarray]:
+def _assign(
+    pool: Pool, idx: np.ndarray, cfg: PrepareDataConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
     k = cfg.num_clients
     if cfg.split == "iid":
         return np.array_split(idx, k)
@@ -268,7 +311,7 @@ def _assign(pool: Pool, idx: np.ndarray, cfg, rng: np.random.Generator) -> list[
     raise DataError(f"--split must be one of iid, modality, body_part, dirichlet (got {cfg.split!r})")
 
 
-def _val_and_train(site: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, int]:
+def _val_and_train(site: np.ndarray, cfg: PrepareDataConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """First ``val_fraction`` of a site's records are its val set; the rest (capped) its train set.
 
     With ``subset_size``, val shrinks in proportion so a quick run does not evaluate 20 k records.
@@ -283,7 +326,7 @@ def _val_and_train(site: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, int]:
     return val[:val_cap], train[: cfg.subset_size], len(site) - min(n_val, val_cap) - cfg.subset_size
 
 
-def split_pool(pool: Pool, cfg) -> Split:
+def split_pool(pool: Pool, cfg: PrepareDataConfig) -> Split:
     """Seeded shuffle, global test set, per-site assignment, per-site val set, subset cap."""
     k, n = cfg.num_clients, len(pool)
     rng = np.random.default_rng(cfg.seed)
@@ -326,7 +369,8 @@ def _json_array_blocks(fd: int, pool: Pool, indices: np.ndarray) -> Iterator[byt
     for lo in range(0, len(indices), _BLOCK_RECORDS):
         rows = indices[lo : lo + _BLOCK_RECORDS]
         block = []
-        for offset, length, at, count in zip(*(col[rows].tolist() for col in _columns(pool)), strict=True):
+        columns = (getattr(pool, name)[rows].tolist() for name in _ARRAYS)
+        for offset, length, at, count in zip(*columns, strict=True):
             raw = os.pread(fd, length, offset)
             if len(raw) != length:
                 raise DataError("the data file changed while it was being split; run prepare_data.py again")
@@ -337,10 +381,6 @@ def _json_array_blocks(fd: int, pool: Pool, indices: np.ndarray) -> Iterator[byt
             block.append(raw)
         yield b",\n".join(block) + (b",\n" if lo + _BLOCK_RECORDS < len(indices) else b"\n")
     yield b"]\n"
-
-
-def _columns(pool: Pool) -> tuple[np.ndarray, ...]:
-    return pool.offsets, pool.lengths, pool.fix_at, pool.fix_count
 
 
 def write_json_array(fd: int, pool: Pool, indices: np.ndarray, path: str) -> dict:
@@ -385,7 +425,9 @@ def _counts(pool: Pool, indices: np.ndarray) -> dict:
     return out
 
 
-def build_manifest(cfg, source: str, pool: Pool, split: Split, files: dict[str, dict]) -> dict:
+def build_manifest(
+    cfg: PrepareDataConfig, source: str, pool: Pool, split: Split, files: dict[str, dict]
+) -> dict:
     """What was written, from what, how: counts per site and label, skips by reason, file hashes."""
     sites = {
         f"site-{i}": {"train": _counts(pool, t), "val": _counts(pool, v)}
@@ -431,7 +473,7 @@ def _check_free_space(output_dir: str, needed: int) -> None:
         )
 
 
-def write_outputs(cfg, source: str, pool: Pool, split: Split, stage: str) -> dict:
+def write_outputs(cfg: PrepareDataConfig, source: str, pool: Pool, split: Split, stage: str) -> dict:
     """Write every shard and the manifest into ``stage``, then move them into ``cfg.output_dir``.
 
     Returns the manifest.  A full disk raises :class:`DataError` naming the file being written.
