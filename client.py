@@ -7,20 +7,23 @@ NVFlare starts it on each site (see job.py) as
         --eval_data_path /data/site-1/val.json
 
 The flags are the engine's config dataclasses (qwen3vl_sft.config); the loop itself is
-qwen3vl_sft.fl_client.run_site: receive -> validate -> load -> train -> send.
+qwen3vl_sft.fl_client.run_site: receive -> validate -> load -> train -> send. With
+--backend official a QwenLM/Qwen3-VL clone's train() does the training (docs/official_backend.md).
 """
 
 import logging
 
-from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig, parse
+from qwen3vl_sft.config import BackendConfig, DataConfig, ModelConfig, TrainConfig, parse
 from qwen3vl_sft.fl_client import run_site
 from qwen3vl_sft.train import SFTConfig
 
 
 def main(argv=None):
-    model, data, train = parse((ModelConfig, DataConfig, TrainConfig), argv, description=__doc__)
+    model, data, train, backend = parse(
+        (ModelConfig, DataConfig, TrainConfig, BackendConfig), argv, description=__doc__
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    run_site(SFTConfig(model=model, data=data, train=train))
+    run_site(SFTConfig(model=model, data=data, train=train), backend)
 
 
 if __name__ == "__main__":

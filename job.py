@@ -11,7 +11,7 @@ Every flag's default comes from qwen3vl_sft.config (see `python job.py --help`).
 
 import sys
 
-from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, TrainConfig, parse
+from qwen3vl_sft.config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig, parse
 from qwen3vl_sft.records import DataError
 
 
@@ -19,22 +19,25 @@ def main(argv=None):
     import torch
 
     from qwen3vl_sft import fl_job
+    from qwen3vl_sft.demo import prepare_demo, report_demo
 
-    job, model, data, train = parse(
-        (JobConfig, ModelConfig, DataConfig, TrainConfig), argv, description=__doc__
-    )
+    configs = (JobConfig, ModelConfig, DataConfig, TrainConfig, BackendConfig)
+    job, model, data, train, backend = parse(configs, argv, description=__doc__)
     try:
-        recipe = fl_job.build_recipe(job, model, data, train)
+        if job.demo:
+            job, model, data, train = prepare_demo(job, model, data, train)
+        recipe = fl_job.build_recipe(job, model, data, train, backend)
         if job.export_dir:
             recipe.export(job.export_dir)
             print(f"Job exported to {job.export_dir}; submit it with: nvflare job submit -j {job.export_dir}")
             return
         run = recipe.run(fl_job.execution_env(job, torch.cuda.device_count()))
-        result_dir = run.get_result()
+        summary = fl_job.summarize(job, run.get_result())
     except DataError as err:
         sys.exit(f"error: {err}")
-    summary = fl_job.summarize(job, result_dir)
     print(summary.text)
+    if job.demo:
+        report_demo(job, model, data, summary)
 
 
 if __name__ == "__main__":

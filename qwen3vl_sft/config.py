@@ -176,11 +176,24 @@ class JobConfig:
     resume: bool = _f(False, "Continue a stopped job from its last saved global model.")
     wandb: bool = _f(False, "Also track with Weights & Biases (offline unless WANDB_API_KEY is set).")
     demo: bool = _f(False, "CPU demo: tiny model and synthetic data built offline, then the federated job.")
+
+
+@dataclass
+class BackendConfig:
+    """Which trainer runs a site's rounds: this package's engine or the official Qwen3-VL code."""
+
     backend: Literal["builtin", "official"] = _f(
-        "builtin", "builtin = in-process engine; official = train_qwen from a Qwen3-VL clone."
+        "builtin",
+        "builtin = this package's in-process engine; official = train() of a QwenLM/Qwen3-VL clone.",
     )
     qwen3vl_root: str = _f("", "Clone of QwenLM/Qwen3-VL for --backend official (or env QWEN3VL_ROOT).")
-    qwen3vl_python: str = _f("", "Python of the environment built for that clone (default: this one).")
+    qwen3vl_python: str = _f("", "Python of the environment built for the clone (or env QWEN3VL_PYTHON).")
+    work_dir: str = _f("", "Parent of qwen3vl_checkpoints/ for the official backend (default: current dir).")
+    official_nproc_per_node: int = _f(1, "Processes (GPUs) the official backend's child torchrun starts.")
+    official_master_port: int = _f(0, "The child torchrun's --master_port (0: a free port).")
+    official_mode: Literal["auto", "in_process", "subprocess"] = _f(
+        "auto", "auto = in-process when this python can run the clone, else a child process per round."
+    )
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

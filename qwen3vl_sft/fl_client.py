@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .config import DataConfig
+from .config import BackendConfig, DataConfig
 from .train import RoundResult, SFTConfig, SFTEngine
 from .weights import WeightsError, as_tensors, message_bytes
 
@@ -78,10 +78,11 @@ def log_metrics(writer, metrics: dict[str, float], step: int) -> None:
 class SiteRunner:
     """Runs rounds for one site; only rank 0 holds the NVFlare connection."""
 
-    def __init__(self, config: SFTConfig, site: str, rank: int, world_size: int):
-        self.config, self.site = config, site
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, config: SFTConfig, site: str, rank: int, backend: BackendConfig | None = None):
+        self.config, self.site, self.rank = config, site, rank
+        self.backend = backend or BackendConfig()
         self.engine: SFTEngine | None = None
+        self.official = None
 
     def round(self, received: dict[str, torch.Tensor], current_round: int, total_rounds: int) -> RoundResult:
         if not received:
@@ -89,6 +90,8 @@ class SiteRunner:
                 f"{self.site} received an empty global model in round {current_round}: every site failed the "
                 "previous round. Fix the sites (see their logs) and restart with --resume."
             )
+        if self.backend.backend == "official":
+            return self._official_round(received, current_round, total_rounds)
         if self.engine is None or not self.config.train.keep_model_between_rounds:
             self.engine = SFTEngine(self.config)
         val = validate(self.engine, self.config.data) if self.rank == 0 else {}
@@ -97,8 +100,16 @@ class SiteRunner:
         result.metrics.update(val)
         return result
 
+    def _official_round(self, received, current_round: int, total_rounds: int) -> RoundResult:
+        """The clone's train() does the round; it evaluates nothing, so no val_* metrics."""
+        from .official import from_config
 
-def run_site(config: SFTConfig) -> None:
+        if self.official is None:
+            self.official = from_config(self.config, self.backend)
+        return self.official.train_round(received, round_index=current_round, num_rounds=total_rounds)
+
+
+def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:
     """The client loop (numbered steps in the module docstring)."""
     import nvflare.client as flare
     from nvflare.client.tracking import SummaryWriter
@@ -107,7 +118,7 @@ def run_site(config: SFTConfig) -> None:
     init_process_group(world_size)
     flare.init(rank=str(rank))  # before the slow model load: NVFlare's launch timeout is running
     site = flare.get_site_name() if rank == 0 else f"rank-{rank}"
-    runner = SiteRunner(config, site, rank, world_size)
+    runner = SiteRunner(config, site, rank, backend)
     writer = SummaryWriter() if rank == 0 else None
     while True:
         running = broadcast(flare.is_running() if rank == 0 else None, world_size)

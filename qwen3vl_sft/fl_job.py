@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import DataConfig, JobConfig, ModelConfig, TrainConfig, to_flags
+from .config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig, to_flags
 from .records import DataError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -75,11 +75,23 @@ def site_data(data: DataConfig, data_dir: Path, site: str) -> DataConfig:
     )
 
 
-def launch_command(job: JobConfig, index: int) -> str:
-    """torchrun for one site; a unique --master_port per site so co-located sites never collide."""
+def launch_command(job: JobConfig, index: int, backend: BackendConfig) -> str:
+    """torchrun for one site; a unique --master_port per site so co-located sites never collide.
+
+    The official backend starts its own torchrun per round, so its client runs as one process.
+    """
     runner = "torchrun" if job.export_dir else f"{shlex.quote(sys.executable)} -u -m torch.distributed.run"
-    port = job.master_port_base + index
-    return f"{runner} --nproc_per_node={job.nproc_per_client} --master_port={port}"
+    nproc = 1 if backend.backend == "official" else job.nproc_per_client
+    return f"{runner} --nproc_per_node={nproc} --master_port={job.master_port_base + index}"
+
+
+def site_backend(job: JobConfig, backend: BackendConfig, index: int) -> BackendConfig:
+    if backend.backend != "official":
+        return backend
+    port = backend.official_master_port or job.master_port_base + 100 + index
+    return dataclasses.replace(
+        backend, official_nproc_per_node=job.nproc_per_client, official_master_port=port
+    )
 
 
 def absolute_model_path(model: ModelConfig) -> ModelConfig:
@@ -147,13 +159,20 @@ def _recipe_class():
     return ResumableFedAvgRecipe
 
 
-def build_recipe(job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig):
+def build_recipe(
+    job: JobConfig,
+    model: ModelConfig,
+    data: DataConfig,
+    train: TrainConfig,
+    backend: BackendConfig | None = None,
+):
     """The FedAvg recipe with per-site commands, timeouts, tracking and the lean persistor."""
     from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
     from .fl_server import GlobalModelPersistor
 
     sites, model = site_names(job.n_clients), absolute_model_path(model)
+    backend = backend or BackendConfig()
     checkpoint = resume_checkpoint(job)
     start_round = completed_rounds(checkpoint)
     if start_round >= job.num_rounds:
@@ -187,8 +206,10 @@ def build_recipe(job: JobConfig, model: ModelConfig, data: DataConfig, train: Tr
             report_to="none",
             torch_threads=train.torch_threads or threads,
         )
-        flags = to_flags(model, site_data(data, data_dir, site), train_site)
-        per_site[site] = {"train_args": shlex.join(flags), "command": launch_command(job, index)}
+        flags = to_flags(
+            model, site_data(data, data_dir, site), train_site, site_backend(job, backend, index)
+        )
+        per_site[site] = {"train_args": shlex.join(flags), "command": launch_command(job, index, backend)}
     set_per_site_config(recipe, per_site)
     staged = stage_package()
     recipe.add_server_file(staged)

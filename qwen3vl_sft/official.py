@@ -627,39 +627,27 @@ class OfficialBackend:
 # --------------------------------------------------------------------------- command line
 
 
-@dataclass
-class OfficialOptions:
-    """Where the clone and its environment are, and how the child is launched."""
-
-    qwen3vl_root: str = field(default="", metadata={"help": f"Clone of QwenLM/Qwen3-VL (or env {ROOT_ENV})."})
-    qwen3vl_python: str = field(
-        default="", metadata={"help": f"Python of the environment built for the clone (or env {PYTHON_ENV})."}
-    )
-    work_dir: str = field(default="", metadata={"help": f"Parent of {WORK_SUBDIR}/ (default: current dir)."})
-    nproc_per_node: int = field(default=1, metadata={"help": "Processes (GPUs) the child torchrun starts."})
-    master_port: int = field(default=0, metadata={"help": "Child torchrun --master_port (0: a free port)."})
-    mode: Literal["auto", "in_process", "subprocess"] = field(
-        default="auto",
-        metadata={"help": "auto = in-process when this python can run the clone, else subprocess."},
+def from_config(config: SFTConfig, opts) -> OfficialBackend:
+    """The backend described by a :class:`~qwen3vl_sft.config.BackendConfig`."""
+    return OfficialBackend(
+        config,
+        root=opts.qwen3vl_root or None,
+        python=opts.qwen3vl_python or None,
+        work_dir=opts.work_dir or None,
+        nproc_per_node=opts.official_nproc_per_node,
+        master_port=opts.official_master_port or None,
+        mode=opts.official_mode,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import ModelConfig, TrainConfig, parse
+    from .config import BackendConfig, ModelConfig, TrainConfig, parse
 
     model_cfg, data_cfg, train_cfg, opts = parse(
-        (ModelConfig, DataConfig, TrainConfig, OfficialOptions), argv, description=__doc__
+        (ModelConfig, DataConfig, TrainConfig, BackendConfig), argv, description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    backend = OfficialBackend(
-        SFTConfig(model_cfg, data_cfg, train_cfg),
-        root=opts.qwen3vl_root or None,
-        python=opts.qwen3vl_python or None,
-        work_dir=opts.work_dir or None,
-        nproc_per_node=opts.nproc_per_node,
-        master_port=opts.master_port or None,
-        mode=opts.mode,
-    )
+    backend = from_config(SFTConfig(model_cfg, data_cfg, train_cfg), opts)
     result = backend.train_round()
     print("train:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})
     print(f"Trained model (upstream's output): {backend.paths(0).output}")
