@@ -114,7 +114,7 @@ def replace_dir(src: str, dst: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary directory next to ``path``; on success it replaces ``path`` (see :func:`replace_dir`).
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` (:func:`replace_dir`).
 
     Files written inside are fsynced before the switch.  If the block raises, the temporary directory
     is deleted and ``path`` is untouched.

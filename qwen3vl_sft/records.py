@@ -32,7 +32,7 @@ _PLACEHOLDER_JSON = b"<image>\\n"
 _CHUNK_BYTES = 1 << 20  # 1 MiB: per-chunk overhead vanishes, and decoding stays in the CPU cache
 _WS = re.compile(r"[ \t\n\r]*")
 _SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
-_VALUE_KEY = re.compile(r'"value"[ \t\n\r]*:[ \t\n\r]*"')
+_COLON_QUOTE = re.compile(r'[ \t\n\r]*:[ \t\n\r]*"')
 _NO_STOP = 1 << 62  # "read to the end" as a byte offset, so the hot loop compares ints only
 _MIN_SPLIT_BYTES = 1 << 24  # smaller files are read by one process: forking would cost more
 
@@ -204,7 +204,8 @@ class ImageIndex:
 
     def problem(self, record: dict) -> str | None:
         """``"image_outside_root"``, ``"missing_image"`` or None for the images of ``record``."""
-        for path in image_list(record):
+        images = record.get("image")
+        for path in (images,) if isinstance(images, str) else images:
             if path[0] in "/\\" or ".." in path or "\\" in path or "//" in path or "./" in path:
                 try:  # rare: a path that needs normalising; the common clean case skips normpath
                     path = self._relative(path, record)
@@ -239,8 +240,15 @@ class Scanned:
     _start: int  # index of the record in _text
 
     @property
+    def ascii(self) -> bool:
+        """True if the chunk holding the record is pure ASCII, so ``raw`` is exact (O(1) for a str)."""
+        return self._text.isascii()
+
+    @property
     def record(self) -> dict:
         """The record with all text correctly decoded."""
+        if self._text.isascii():
+            return self.raw
         span = self._text[self._start : self._start + self.length]
         return self.raw if span.isascii() else json.loads(span.encode("latin-1"))
 
@@ -262,24 +270,37 @@ def _locate_first_human_value(text: str, start: int, end: int, record: dict) -> 
     """Index just after the opening quote of the first human turn's value in ``text``, or -1.
 
     Walks the ``"value": "`` keys of the record in order (a quote inside a JSON string is escaped, so
-    the pattern only matches real keys) and decodes the literal after each: the first human turn's
-    value is the one equal to it, after as many equal values as earlier turns have.
+    only real keys match) and decodes the literal after each: the first human turn's value is the
+    one equal to it, after as many equal values as earlier turns have.
     """
     turns = record["conversations"]
     h = 0 if turns[0].get("from") == "human" else first_human_turn(record)
     value = turns[h]["value"]
     nth = sum(1 for t in turns[:h] if t["value"] == value) if h else 0
-    for m in _VALUE_KEY.finditer(text, start, end):
-        if _decodes_to(text, m.end() - 1, value):
+    key = text.find('"value"', start, end)
+    while key >= 0:
+        # ': "' is how json.dump writes it; other spacing goes through the regex
+        at = key + 10 if text.startswith(': "', key + 7) else _value_start(text, key + 7)
+        if at > 0 and _decodes_to(text, at, value):
             if nth == 0:
-                return m.end()
+                return at
             nth -= 1
+        key = text.find('"value"', key + 7, end)
     return -1
 
 
-def _decodes_to(text: str, quote: int, value: str) -> bool:
+def _value_start(text: str, after_key: int) -> int:
+    """Index after the opening quote if ``text[after_key:]`` is ``<blanks>:<blanks>"``, else -1."""
+    m = _COLON_QUOTE.match(text, after_key)
+    return m.end() if m else -1
+
+
+def _decodes_to(text: str, at: int, value: str) -> bool:
+    """True if the JSON string literal whose text starts at ``text[at]`` decodes to ``value``."""
+    if text.startswith(value, at) and text.startswith('"', at + len(value)) and "\\" not in value:
+        return True  # written without escapes: no backslash, so that quote really ends it
     try:
-        return scanstring(text, quote + 1, True)[0] == value
+        return scanstring(text, at, True)[0] == value
     except json.JSONDecodeError:
         return False  # not a string literal after all
 

@@ -186,7 +186,7 @@ def _collect_range(path: str, images: ImageIndex, start: int, stop: int | None) 
         record = scanned.raw  # fast view: exact for structure and ASCII text (see records.py)
         reason, missing = inspect_record(record)
         if not reason:
-            if not _ascii_fields(record):
+            if not (scanned.ascii or _ascii_fields(record)):
                 record = scanned.record  # non-ASCII image path or label: decode the text properly
             reason = images.problem(record)
         if reason:

@@ -212,6 +212,15 @@ def test_parallel_read_gives_byte_identical_output(dataset, tmp_path, monkeypatc
     assert m1["files"] == m3["files"] and m1["sites"] == m3["sites"] and m1["skipped"] == m3["skipped"]
 
 
+@pytest.mark.parametrize("victim", ["r10", "r110"])  # in the first part, in the last part
+def test_parallel_read_reports_the_same_error(dataset, tmp_path, monkeypatch, capsys, victim):
+    monkeypatch.setattr(records, "_MIN_SPLIT_BYTES", 0)
+    dataset.write_text(dataset.read_text().replace(f'"id": "{victim}",', f'"id": "{victim}"', 1))
+    errors = [run(dataset, tmp_path / f"w{w}", "--num_workers", w, capsys=capsys)[2] for w in (1, 3)]
+    assert "malformed JSON" in errors[0] and "line " in errors[0]
+    assert errors[0] == errors[1]
+
+
 # --------------------------------------------------------------------------- non-IID splits
 
 
