@@ -4,7 +4,8 @@
     python bench/bench_prepare_data.py --records 50000 --images none -- --split modality
 
 The synthetic file mimics PubMedVision_InstructionTuning_VQA.json: a JSON array written with
-``indent=4`` and ``ensure_ascii=False`` (some non-ASCII text: units, degrees), ~1.2 KB per record,
+``indent=4`` and ``ensure_ascii=False`` (some non-ASCII text: units, degrees; ``--ascii`` writes
+``\\uXXXX`` escapes instead, as ``json.dump`` does by default), ~1.2 KB per record,
 1-3 images per record, short questions without ``<image>`` placeholders in 90 % of the records (so
 the placeholder repair runs on most records) and long answers.  It is generated once into
 ``--work_dir`` and reused.
@@ -136,7 +137,7 @@ def _record(i: int, rng: random.Random, sentences: list[str]) -> dict:
     }
 
 
-def generate(path: str, n: int, seed: int = 0) -> None:
+def generate(path: str, n: int, ascii_only: bool, seed: int = 0) -> None:
     """Stream ``n`` records into ``path`` as an indent=4 JSON array (constant memory)."""
     rng = random.Random(seed)
     sentences = [_sentence(rng) for _ in range(5000)]
@@ -144,7 +145,7 @@ def generate(path: str, n: int, seed: int = 0) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("[\n")
         for i in range(n):
-            text = json.dumps(_record(i, rng, sentences), indent=4, ensure_ascii=False)
+            text = json.dumps(_record(i, rng, sentences), indent=4, ensure_ascii=ascii_only)
             f.write("    " + text.replace("\n", "\n    ") + (",\n" if i < n - 1 else "\n"))
         f.write("]\n")
     os.replace(tmp, path)
@@ -168,17 +169,22 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=647_031)
     ap.add_argument("--work_dir", default="/tmp/qwen3vl_bench")
     ap.add_argument("--images", choices=["touch", "none"], default="touch")
+    ap.add_argument("--ascii", action="store_true", help="escape non-ASCII text (\\uXXXX)")
     ap.add_argument("extra", nargs="*", help="extra prepare_data.py flags (after --)")
     args = ap.parse_args()
 
-    data_dir = os.path.join(args.work_dir, f"pmv_{args.records}")
+    data_dir = os.path.join(args.work_dir, f"pmv_{args.records}{'_ascii' if args.ascii else ''}")
     data_file = os.path.join(data_dir, "PubMedVision_InstructionTuning_VQA.json")
     os.makedirs(data_dir, exist_ok=True)
     if not os.path.isfile(data_file):
         t = time.perf_counter()
-        generate(data_file, args.records)
+        generate(data_file, args.records, args.ascii)
         print(f"generated {data_file} in {time.perf_counter() - t:.0f} s")
     marker = os.path.join(data_dir, "images", ".complete")
+    same_images = os.path.join(args.work_dir, f"pmv_{args.records}", "images")  # --ascii: same names
+    reuse = args.ascii and os.path.isfile(os.path.join(same_images, ".complete"))
+    if args.images == "touch" and reuse and not os.path.lexists(os.path.join(data_dir, "images")):
+        os.symlink(same_images, os.path.join(data_dir, "images"))
     if args.images == "touch" and not os.path.isfile(marker):
         t = time.perf_counter()
         n = touch_images(data_file, os.path.join(data_dir, "images"))
