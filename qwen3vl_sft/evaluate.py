@@ -1,4 +1,4 @@
-"""Held-out evaluation: teacher-forced answer loss and greedy-answer accuracy.
+"""Held-out evaluation: teacher-forced answer loss, batched greedy answers and their scores.
 
     python -m qwen3vl_sft.evaluate --model tiny_models/qwen3-vl-tiny --data data/test.json
 
@@ -6,40 +6,40 @@
   training optimises;
 * ``accuracy``: for records whose first answer is short (a few words, like the synthetic set's
   "upper left"), the share whose greedy answer to the first question matches it (case and
-  punctuation ignored). Long free-text answers are scored by run_inference.py's ROUGE-L / token F1.
+  punctuation ignored).
+
+:func:`evaluate_file` (loss + accuracy) is what training and the federated client report;
+:func:`evaluate_answers` adds ROUGE-L and token F1 over every answer (:mod:`.metrics`) for
+run_inference.py. Answers come from :func:`generate_answers`: left-padded batches, returned in
+record order, the same greedy answers as one prompt at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
-import string
+import time
 
 import torch
 
 from .config import DataConfig
 from .data import IGNORE_INDEX, Collator, build_dataset, open_image, to_messages
+from .metrics import SHORT_ANSWER_WORDS, exact_match, is_short, normalize, score_answers  # noqa: F401
 from .records import resolve_image_path
 
-SHORT_ANSWER_WORDS = 4
-
-
-def normalize(text: str) -> str:
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def exact_match(prediction: str, truth: str) -> bool:
-    return normalize(prediction) == normalize(truth)
+# SHORT_ANSWER_WORDS and normalize stay importable from here: they lived here before metrics.py.
 
 
 def first_answer(record: dict) -> str:
     return next(t["value"] for t in record["conversations"] if t["from"] == "gpt").strip()
 
 
+def first_question(record: dict) -> str:
+    return next(t["value"] for t in record["conversations"] if t["from"] == "human").strip()
+
+
 def is_short_answer(record: dict) -> bool:
-    return 0 < len(first_answer(record).split()) <= SHORT_ANSWER_WORDS
+    return is_short(first_answer(record))
 
 
 def _batches(items: list, size: int):
@@ -56,6 +56,7 @@ def answer_loss(model, processor, dataset, batch_size: int = 8) -> float:
     for indices in _batches(list(range(len(dataset))), batch_size):
         batch = collate([dataset[i] for i in indices])
         batch.pop("num_skipped")
+        batch.pop("num_dropped")
         if "input_ids" not in batch:
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -76,28 +77,88 @@ def prompt_inputs(record: dict, image_root) -> tuple[list[dict], list]:
     return messages[: first_user + 1], images
 
 
+def _prompt_length(record: dict) -> tuple[int, int]:
+    """Sort key that groups prompts of similar padded length (images first: each adds many tokens)."""
+    return len(record["image"]), len(first_question(record))
+
+
 @torch.no_grad()
-def generate_answers(model, processor, records, image_root, max_new_tokens=16, batch_size=8) -> list[str]:
-    """Greedy answers to each record's first question, generated in left-padded batches."""
+def generate_answers(
+    model,
+    processor,
+    records,
+    image_root,
+    max_new_tokens=16,
+    batch_size=8,
+    *,
+    progress: str | None = None,
+    **generation,
+) -> list[str]:
+    """Answers to each record's first question (greedy unless ``generation`` says otherwise).
+
+    Prompts are generated in left-padded batches of similar length (fewer pad tokens), and the
+    answers are returned in the order of ``records``. ``progress`` labels a progress bar.
+    """
+    from tqdm.auto import tqdm
+
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
-    answers: list[str] = []
+    order = sorted(range(len(records)), key=lambda i: _prompt_length(records[i]))
+    answers: dict[int, str] = {}
+    options = {"do_sample": False, "use_cache": True, **generation}  # use_cache: training turns it off
     try:
-        for chunk in _batches(records, batch_size):
-            prompts, images = zip(*(prompt_inputs(r, image_root) for r in chunk), strict=True)
-            texts = [
-                processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts
-            ]
-            flat = [img for group in images for img in group]
-            enc = processor(text=texts, images=flat or None, padding=True, return_tensors="pt").to(device)
-            if "pixel_values" in enc:
-                enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        with tqdm(total=len(records), desc=progress, disable=progress is None, unit="sample") as bar:
+            for chunk in _batches(order, batch_size):
+                enc = _encode_prompts(processor, [records[i] for i in chunk], image_root).to(device)
+                if "pixel_values" in enc:
+                    enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, **options)
+                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                answers.update(zip(chunk, (t.strip() for t in texts), strict=True))
+                bar.update(len(chunk))
     finally:
         tokenizer.padding_side = side
-    return [a.strip() for a in answers]
+    return [answers[i] for i in range(len(records))]
+
+
+def _encode_prompts(processor, records: list[dict], image_root):
+    prompts, images = zip(*(prompt_inputs(r, image_root) for r in records), strict=True)
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    flat = [img for group in images for img in group]
+    return processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
+
+
+def evaluate_answers(
+    model, processor, dataset, max_new_tokens=256, batch_size=8, progress: str | None = None, **generation
+) -> tuple[dict, list[str]]:
+    """Answer loss over every turn, answers to every record's first question, and their scores.
+
+    Returns (metrics, answers): ``loss``, ``rouge_l``, ``token_f1``, ``exact_match`` (short answers
+    only; NaN when there are none), counts, and generation throughput.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        loss = answer_loss(model, processor, dataset, batch_size)
+        start = time.perf_counter()
+        answers = generate_answers(
+            model,
+            processor,
+            dataset.records,
+            dataset.builder.image_root,
+            max_new_tokens,
+            batch_size,
+            progress=progress,
+            **generation,
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    metrics = {"loss": loss, **score_answers(answers, [first_answer(r) for r in dataset.records])}
+    metrics |= {"samples": len(dataset), "generation_seconds": seconds}
+    metrics["samples_per_second"] = len(dataset) / seconds if seconds > 0 else math.nan
+    return metrics, answers
 
 
 def evaluate_file(

@@ -1,0 +1,425 @@
+"""Checkpoint comparison for run_inference.py: what each path is, how it loads, and the report files.
+
+Accepted checkpoints, detected from the path itself (see :func:`detect`):
+
+* ``hf``: an HF hub id or a directory with ``config.json`` (our HF global-model directory included);
+  refused unless its ``model_type`` is Qwen3-VL.
+* ``adapter``: a PEFT LoRA adapter directory (``adapter_config.json``); its base is ``--base_model`` or
+  the adapter's ``base_model_name_or_path``.
+* ``pt-full`` / ``pt-lora``: a ``torch.save`` file such as NVFlare's ``FL_global_model.pt``
+  (``{"model": {name: tensor}, "meta": {...}}``), read with ``weights_only=True`` so no code is
+  unpickled. LoRA when ``meta["lora"]`` says so or the names hold ``lora_A`` / ``lora_B``; rank and
+  targets then come from the meta or the tensors themselves. The base is ``--base_model``, else
+  ``meta["base_model"]``, else the default Qwen3-VL. Names are mapped only by :mod:`.weights`.
+
+Every checkpoint answers the same records; models are loaded one at a time and freed after use.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_MODEL, DataConfig, InferenceConfig, ModelConfig
+from .data import PLACEHOLDER, RecordDataset, build_dataset
+from .evaluate import evaluate_answers, first_answer, first_question
+from .modeling import ModelError, load_processor, model_class, resolve_attention, set_trainable
+from .records import DataError, resolve_image_path
+from .weights import WeightsError, is_lora_state, load_exchanged, load_state_subset, lora_layout
+
+logger = logging.getLogger(__name__)
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+PROCESSOR_MARKERS = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+SHOWN_CHARS = 200
+METRIC_COLUMNS = ("loss", "rouge_l", "token_f1", "exact_match")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be compared (the message says which and why)."""
+
+
+USER_ERRORS = (CheckpointError, ModelError, WeightsError, DataError)
+
+
+@dataclass
+class Checkpoint:
+    label: str
+    path: str
+    kind: str = ""  # hf | adapter | pt-full | pt-lora
+    base: str = ""  # architecture + processor source for adapter / pt kinds
+    meta: dict = field(default_factory=dict)  # the .pt's "meta" (lora config, round)
+
+    def describe(self) -> str:
+        uses_base = self.kind in ("adapter", "pt-full", "pt-lora")
+        return f"{self.label}: {self.path} ({self.kind}{', base ' + self.base if uses_base else ''})"
+
+
+@dataclass
+class Evaluation:
+    checkpoint: Checkpoint
+    metrics: dict
+    answers: list[str]
+
+
+# --------------------------------------------------------------------------- which checkpoints
+
+
+def parse_spec(spec: str) -> Checkpoint:
+    """``LABEL=PATH`` or ``PATH`` (labelled by its last path component)."""
+    label, sep, path = spec.partition("=")
+    if not sep or "/" in label or os.sep in label or not label:
+        path = spec
+        label = Path(spec.rstrip("/\\")).stem or spec
+    return Checkpoint(label=label, path=path)
+
+
+def requested_checkpoints(cfg: InferenceConfig) -> list[Checkpoint]:
+    """The checkpoints named by --model and --model_path, detected, with the base row in front."""
+    checkpoints = [parse_spec(s) for s in cfg.model]
+    if cfg.model_path:
+        checkpoints.append(Checkpoint(label="fine-tuned", path=cfg.model_path))
+    checkpoints = [detect(c, cfg) for c in checkpoints]
+    if cfg.compare_base:
+        base = cfg.base_model or next((c.base for c in checkpoints if c.base), DEFAULT_MODEL)
+        paths = {_same_path_key(c.path) for c in checkpoints}
+        if _same_path_key(base) not in paths and "base" not in {c.label for c in checkpoints}:
+            checkpoints.insert(0, detect(Checkpoint(label="base", path=base), cfg))
+    if not checkpoints:
+        raise CheckpointError(
+            "nothing to evaluate: pass --model LABEL=PATH, --model_path or --compare_base true"
+        )
+    labels = [c.label for c in checkpoints]
+    duplicates = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicates:
+        raise CheckpointError(f"checkpoint labels must be unique; repeated: {duplicates} (use LABEL=PATH)")
+    return checkpoints
+
+
+def _same_path_key(path: str) -> str:
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
+def detect(ckpt: Checkpoint, cfg: InferenceConfig) -> Checkpoint:
+    """``ckpt`` with ``kind`` (and ``base``/``meta``) filled in from what is at its path.
+
+    The architecture is checked here, from the config alone, so that a wrong path fails before the
+    first model spends minutes answering.
+    """
+    found = _detect_kind(ckpt, cfg.base_model)
+    try:
+        model_class(found.path if found.kind == "hf" else found.base, cfg.trust_remote_code)
+    except ModelError as err:
+        hint = " [the 'base' row: set --base_model, or --compare_base false]" if found.label == "base" else ""
+        raise CheckpointError(f"{found.label} ({found.path}): {err}{hint}") from err
+    return found
+
+
+def _detect_kind(ckpt: Checkpoint, base_flag: str) -> Checkpoint:
+    path = Path(ckpt.path)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+            base = base_flag or adapter.get("base_model_name_or_path") or DEFAULT_MODEL
+            return Checkpoint(ckpt.label, ckpt.path, "adapter", base)
+        if (path / "config.json").is_file():
+            return Checkpoint(ckpt.label, ckpt.path, "hf", base_flag)
+        raise CheckpointError(
+            f"{ckpt.label}: {path} has neither config.json (HF model) nor adapter_config.json (LoRA adapter)"
+        )
+    if path.is_file():
+        tensors, meta = read_weights_file(path)
+        lora = bool(meta.get("lora")) or is_lora_state(tensors)
+        base = base_flag or meta.get("base_model") or DEFAULT_MODEL
+        return Checkpoint(ckpt.label, ckpt.path, "pt-lora" if lora else "pt-full", base, meta)
+    if HUB_ID.match(ckpt.path) and not ckpt.path.startswith("."):
+        return Checkpoint(ckpt.label, ckpt.path, "hf", base_flag)
+    raise CheckpointError(f"{ckpt.label}: {ckpt.path} does not exist (and is not an HF hub id)")
+
+
+def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and meta of a ``torch.save`` weights file; never unpickles code (``weights_only``)."""
+    try:
+        # mmap: detection reads only names and shapes, not gigabytes (needs the zip format).
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: not a weights file that torch.load(weights_only=True) accepts ({_first_line(err)})"
+        ) from err
+    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        found = (
+            f"a dict with keys {sorted(map(str, obj))[:5]}" if isinstance(obj, dict) else type(obj).__name__
+        )
+        raise CheckpointError(
+            f"{path}: not a weights file: expected {{'model': {{name: tensor}}}}, found {found}"
+        )
+    if not state:
+        raise CheckpointError(f"{path}: holds no tensors (did every site fail the round?)")
+    meta = obj.get("meta") if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
+    return state, meta
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _pretrained(path: str, cfg: InferenceConfig, dtype: torch.dtype, device: torch.device):
+    cls = model_class(path, cfg.trust_remote_code)
+    attention = resolve_attention(ModelConfig()) if device.type == "cuda" else "sdpa"
+    return cls.from_pretrained(
+        path, dtype=dtype, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def _with_lora_pt(model, ckpt: Checkpoint, cfg: InferenceConfig):
+    """Base model + the .pt's LoRA adapters (PEFT-wrapped as in training, loaded strictly by name)."""
+    tensors, _ = read_weights_file(ckpt.path)
+    lora = ckpt.meta.get("lora") or {}
+    rank, targets = lora_layout(tensors)
+    alpha = cfg.lora_alpha or lora.get("lora_alpha") or ModelConfig().lora_alpha
+    config = ModelConfig(
+        lora=True,
+        lora_r=lora.get("r", rank),
+        lora_alpha=alpha,
+        lora_target_modules=",".join(lora.get("target_modules") or targets),
+    )
+    misfit = f"LoRA adapters (r={config.lora_r}, targets {config.lora_targets()}) do not fit {ckpt.base}"
+    try:
+        model = set_trainable(model, config)
+    except ValueError as err:  # PEFT: a target module the base model lacks
+        raise WeightsError(f"{misfit}: {_first_line(err)}") from err
+    try:
+        load_exchanged(model, tensors)  # strict by name; WeightsError names unknown / missing keys
+    except RuntimeError as err:  # torch: adapter shapes of another base model
+        raise WeightsError(f"{misfit}: {_first_line(err)}") from err
+    return model.merge_and_unload()  # plain model: faster generation, same outputs
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def load_checkpoint(ckpt: Checkpoint, cfg: InferenceConfig, device: torch.device):
+    """(model in eval mode on ``device``, processor) for a detected checkpoint."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    data = DataConfig(data_path=cfg.data_file, image_root=cfg.image_root)
+    try:
+        if ckpt.kind == "hf":
+            model = _pretrained(ckpt.path, cfg, dtype, device)
+        else:
+            model = _pretrained(ckpt.base, cfg, dtype, device)
+            if ckpt.kind == "adapter":
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, ckpt.path).merge_and_unload()
+            elif ckpt.kind == "pt-lora":
+                model = _with_lora_pt(model, ckpt, cfg)
+            else:
+                applied = load_state_subset(model, read_weights_file(ckpt.path)[0])
+                logger.info("%s: applied %d saved tensors to %s", ckpt.label, applied, ckpt.base)
+    except (ModelError, WeightsError) as err:
+        raise CheckpointError(f"{ckpt.label} ({ckpt.path}): {err}") from err
+    processor = load_processor(_processor_source(ckpt, cfg), data, cfg.trust_remote_code)
+    return model.to(device).eval(), processor
+
+
+def _processor_source(ckpt: Checkpoint, cfg: InferenceConfig) -> str:
+    """The checkpoint's own processor when it ships one, else its base's."""
+    path = Path(ckpt.path)
+    if ckpt.kind in ("hf", "adapter") and (
+        not path.is_dir() or any((path / name).is_file() for name in PROCESSOR_MARKERS)
+    ):
+        return ckpt.path
+    return ckpt.base or cfg.base_model or DEFAULT_MODEL
+
+
+# --------------------------------------------------------------------------- evaluating
+
+
+def usable_records(dataset: RecordDataset, max_samples: int) -> list[dict]:
+    """The first ``max_samples`` records whose images all exist (the same for every checkpoint)."""
+    kept, missing = [], 0
+    for record in dataset.records:
+        try:
+            paths = image_paths(record, dataset.builder.image_root)
+        except DataError:
+            paths = None
+        if paths is None or not all(os.path.isfile(p) for p in paths):
+            missing += 1
+            continue
+        kept.append(record)
+        if max_samples and len(kept) == max_samples:
+            break
+    if missing:
+        logger.warning(
+            "skipped %d records whose images are missing under %s", missing, dataset.builder.image_root
+        )
+    if not kept:
+        raise DataError(f"no record of the data file has its images under {dataset.builder.image_root}")
+    return kept
+
+
+def image_paths(record: dict, image_root) -> list[str]:
+    return [resolve_image_path(str(image_root), p, record.get("id")) for p in record["image"]]
+
+
+def evaluate_checkpoints(checkpoints: list[Checkpoint], cfg: InferenceConfig) -> tuple[RecordDataset, list]:
+    """Each checkpoint's metrics and answers on the same records; one model in memory at a time."""
+    device = resolve_device(cfg.device)
+    generation = {"do_sample": cfg.do_sample}
+    if cfg.do_sample:
+        generation |= {"temperature": cfg.temperature, "top_p": cfg.top_p}
+    records, results, dataset = None, [], None
+    for ckpt in checkpoints:
+        logger.info("Loading %s: %s (%s)", ckpt.label, ckpt.path, ckpt.kind)
+        model, processor = load_checkpoint(ckpt, cfg, device)
+        dataset = build_dataset(processor, DataConfig(image_root=cfg.image_root), cfg.data_file)
+        records = records or usable_records(dataset, cfg.max_samples)
+        dataset.records = records
+        torch.manual_seed(cfg.seed)  # the same sampling stream for every checkpoint
+        metrics, answers = evaluate_answers(
+            model,
+            processor,
+            dataset,
+            cfg.max_new_tokens,
+            cfg.batch_size,
+            progress=ckpt.label if cfg.progress else None,
+            **generation,
+        )
+        results.append(Evaluation(ckpt, metrics, answers))
+        del model
+        gc.collect()  # free this model before the next one loads (several 2B models do not fit at once)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return dataset, results
+
+
+# --------------------------------------------------------------------------- printing and report
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def question_text(record: dict) -> str:
+    """The first question without its ``<image>`` placeholders (the image paths are shown apart)."""
+    return re.sub(r"\s+", " ", first_question(record).replace(PLACEHOLDER, " ")).strip()
+
+
+def format_sample(index: int, record: dict, image_root, answers: dict[str, str]) -> str:
+    """One sample in the seed's layout, with one labelled ``Model`` line per checkpoint."""
+    width = max(len(label) for label in answers)
+    lines = [
+        f"--- Sample {index} ---",
+        f"Image: {', '.join(image_paths(record, image_root))}",
+        f"Q: {shorten(question_text(record))}",
+        f"Ground truth: {shorten(first_answer(record))}",
+    ]
+    for label, answer in answers.items():
+        lines.append(f"Model [{label}]:{' ' * (width - len(label))} {shorten(answer) or '(empty answer)'}")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(results: list[Evaluation]) -> str:
+    """Per-checkpoint metrics as an aligned text table."""
+    header = ["checkpoint", "kind", *METRIC_COLUMNS, "samples", "short", "samples/s"]
+    rows = [header]
+    for r in results:
+        m = r.metrics
+        metrics = [_cell(m[c]) for c in METRIC_COLUMNS]
+        extra = [str(m["samples"]), str(m["short_answers"]), _cell(m["samples_per_second"], 2)]
+        rows.append([r.checkpoint.label, r.checkpoint.kind, *metrics, *extra])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def report_rows(results: list[Evaluation]) -> list[dict]:
+    """One flat row per checkpoint; NaN becomes None (JSON has no NaN)."""
+    rows = []
+    for r in results:
+        metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.metrics.items()}
+        rows.append(
+            {"label": r.checkpoint.label, "path": r.checkpoint.path, "kind": r.checkpoint.kind, **metrics}
+        )
+    return rows
+
+
+def write_report(output_dir, dataset: RecordDataset, results: list[Evaluation], cfg: InferenceConfig) -> dict:
+    """report.json, report.csv, report.png and answers.jsonl in ``output_dir``; returns their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = report_rows(results)
+    paths = {name: out / name for name in ("report.json", "report.csv", "report.png", "answers.jsonl")}
+    summary = {"data_file": str(cfg.data_file), "max_new_tokens": cfg.max_new_tokens, "checkpoints": rows}
+    paths["report.json"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with paths["report.csv"].open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with paths["answers.jsonl"].open("w", encoding="utf-8") as f:
+        for i, record in enumerate(dataset.records):
+            answers = {r.checkpoint.label: r.answers[i] for r in results}
+            item = {
+                "id": record.get("id"),
+                "question": question_text(record),
+                "ground_truth": first_answer(record),
+            }
+            f.write(json.dumps({**item, "answers": answers}) + "\n")
+    plot_report(rows, paths["report.png"])
+    return paths
+
+
+def plot_report(rows: list[dict], path: Path) -> None:
+    """Bar chart: the [0, 1] scores side by side per checkpoint, and the answer loss apart (lower is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    labels = [row["label"] for row in rows]
+    scores = [("rouge_l", "ROUGE-L"), ("token_f1", "token F1"), ("exact_match", "exact match")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4), width_ratios=[3, 1.4])
+    width = 0.8 / len(scores)
+    for i, (key, name) in enumerate(scores):
+        values = [row[key] if row[key] is not None else 0.0 for row in rows]
+        left.bar([x + i * width for x in range(len(rows))], values, width, label=name)
+    left.set_xticks([x + width for x in range(len(rows))], labels, rotation=15)
+    left.set_ylim(0, 1)
+    left.set_title("answer scores (higher is better)")
+    left.legend()
+    right.bar(labels, [row["loss"] if row["loss"] is not None else 0.0 for row in rows], color="gray")
+    right.set_title("answer loss (lower = better)")
+    right.tick_params(axis="x", rotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
