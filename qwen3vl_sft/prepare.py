@@ -1,0 +1,127 @@
+"""prepare_data's logic: PubMedVision (local file or Hub split, image zips) -> per-site shards.
+
+    python prepare_data.py --help      # the command line around :func:`run`
+
+Kept in the package so job.py --demo and the tests shard data the same way the script does.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import zipfile
+
+from .config import DEFAULT_DATA_FILE, HF_DATASET_ID, PrepareDataConfig
+from .fileio import atomic_dir, atomic_path
+from .records import DataError, ImageIndex
+from .sharding import check_config, collect, split_pool, staging_dir, write_outputs
+
+CLONE_HINT = (
+    f"clone it with git lfs (git lfs install && git clone https://huggingface.co/datasets/{HF_DATASET_ID}) "
+    "into ./PubMedVision, or pass --data_file '' to download the split from the Hugging Face Hub"
+)
+
+
+def download_split(split_name: str) -> str:
+    """Export the Hub split to ``PubMedVision/<split_name>.jsonl`` (once) and return its path.
+
+    Only the records come from the Hub; the images are the ``images_*.zip`` files of the same repo.
+    """
+    dest = os.path.join(os.path.dirname(DEFAULT_DATA_FILE), f"{split_name}.jsonl")
+    if os.path.isfile(dest):
+        print(f"Using {dest} downloaded earlier")
+        return dest
+    from datasets import load_dataset  # heavy import, only needed on this path
+
+    print(f"Downloading {HF_DATASET_ID} ({split_name}) from the Hugging Face Hub ...")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        dataset = load_dataset(HF_DATASET_ID, split_name, split="train")
+    except (OSError, ValueError) as e:  # no network, unknown config name
+        raise DataError(f"could not download {HF_DATASET_ID} ({split_name}): {e}; {CLONE_HINT}") from None
+    with atomic_path(dest) as tmp:
+        dataset.to_json(tmp, lines=True, force_ascii=False)
+    return dest
+
+
+def _member_target(name: str) -> str | None:
+    """Where an archive member goes below ``images/``: the part after a leading ``images/`` folder
+    if the archive stores one (so both layouts give ``images/<name>.jpg``, as records expect), or
+    None for folders and unsafe names (absolute, ``..``).
+    """
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if "images" in parts[:-1]:
+        parts = parts[parts.index("images") + 1 :]
+    if not parts or name.endswith("/") or ".." in parts or name.startswith("/"):
+        return None
+    return posixpath.join(*parts)
+
+
+def extract_image_zips(data_dir: str) -> None:
+    """Extract ``images_*.zip`` of ``data_dir`` into ``data_dir/images`` unless that folder exists.
+
+    Extraction goes to a temporary folder renamed to ``images/`` at the end, so an interrupted run
+    is redone instead of leaving a partial ``images/`` that would silently drop records.
+    """
+    images = os.path.join(data_dir, "images")
+    archives = sorted(
+        n for n in os.listdir(data_dir or ".") if n.startswith("images_") and n.endswith(".zip")
+    )
+    if os.path.isdir(images) or not archives:
+        return
+    from tqdm import tqdm
+
+    with atomic_dir(images) as tmp:
+        for archive in archives:
+            try:
+                with zipfile.ZipFile(os.path.join(data_dir, archive)) as zf:
+                    members = [m for m in zf.infolist() if _member_target(m.filename)]
+                    for m in tqdm(members, desc=f"Extracting {archive}", unit="img"):
+                        target = os.path.join(tmp, _member_target(m.filename))
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        with zf.open(m) as src, open(target, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+            except zipfile.BadZipFile as e:
+                raise DataError(
+                    f"{os.path.join(data_dir, archive)} is not a valid zip ({e}); download it again"
+                ) from None
+
+
+def run(cfg: PrepareDataConfig) -> dict:
+    """Prepare the shards described by ``cfg``; returns the manifest.  Raises DataError on bad input."""
+    check_config(cfg)
+    data_file = cfg.data_file or download_split(cfg.split_name)
+    if not os.path.isfile(data_file):
+        raise DataError(f"--data_file {data_file} does not exist: {CLONE_HINT}")
+    data_dir = os.path.dirname(data_file)
+    if cfg.extract_images:
+        extract_image_zips(data_dir)
+    image_root = cfg.image_root or data_dir or "."
+    with staging_dir(cfg.output_dir) as stage:  # before the long read: an unwritable dir fails fast
+        print(f"Reading {data_file} ...")
+        workers = cfg.num_workers or min(4, os.cpu_count() or 1)
+        pool = collect(data_file, ImageIndex(image_root, check_exists=cfg.check_images), workers)
+        if not len(pool) and pool.skipped.get("missing_image"):
+            raise DataError(
+                f"no usable record: {pool.skipped['missing_image']} of {pool.total} have images missing under "
+                f"--image_root {image_root}; extract the dataset's images_*.zip there, or pass --check_images false"
+            )
+        split = split_pool(pool, cfg)
+        return write_outputs(cfg, data_file, pool, split, stage)
+
+
+def report(cfg: PrepareDataConfig, manifest: dict) -> None:
+    """The summary lines (the per-site and final lines keep the format of the original example)."""
+    skipped = ", ".join(f"{reason}={n}" for reason, n in manifest["skipped"].items()) or "none"
+    print(
+        f"Read {manifest['source']['records']} records: {manifest['usable_records']} usable, skipped: {skipped}"
+    )
+    if manifest["dropped"]["subset_size"]:
+        print(f"Dropped {manifest['dropped']['subset_size']} records beyond --subset_size {cfg.subset_size}")
+    for site, counts in manifest["sites"].items():
+        print(
+            f"  {site}: {counts['train']['count']} samples -> {os.path.join(cfg.output_dir, site, 'train.json')}"
+        )
+    print(f"  test: {manifest['test']['count']} samples -> {os.path.join(cfg.output_dir, 'test.json')}")
+    print(f"Done. Client data under {cfg.output_dir}")
