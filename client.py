@@ -11,10 +11,8 @@ qwen3vl_sft.fl_client.run_site: receive -> validate -> load -> train -> send. Wi
 --backend official a QwenLM/Qwen3-VL clone's train() does the training (docs/official_backend.md).
 """
 
-import logging
-
 from qwen3vl_sft.config import BackendConfig, DataConfig, ModelConfig, TrainConfig, parse
-from qwen3vl_sft.fl_client import run_site
+from qwen3vl_sft.fl_client import run_site, setup_logging
 from qwen3vl_sft.train import SFTConfig
 
 
@@ -22,7 +20,7 @@ def main(argv=None):
     model, data, train, backend = parse(
         (ModelConfig, DataConfig, TrainConfig, BackendConfig), argv, description=__doc__
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    setup_logging()
     run_site(SFTConfig(model=model, data=data, train=train), backend)
 
 

@@ -32,6 +32,20 @@ logger = logging.getLogger("qwen3vl_sft.client")
 MIB = 2**20
 
 
+CLIENT_LOG = "qwen3vl_client.log"
+
+
+def setup_logging() -> None:
+    """Log to the console (NVFlare relays it) and to ``qwen3vl_client.log`` in the site's app folder."""
+    rank, _ = rank_and_world()
+    handlers = [logging.StreamHandler()]
+    if rank == 0:
+        handlers.append(logging.FileHandler(CLIENT_LOG))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", handlers=handlers
+    )
+
+
 def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -159,5 +173,9 @@ def send_result(flare, writer, site: str, current_round: int, result: RoundResul
     metrics["overhead_seconds"] = elapsed - metrics["seconds"] - metrics.get("val_seconds", 0.0)
     log_metrics(writer, metrics, current_round)
     logger.info("%s round %s: %s", site, current_round, {k: round(v, 4) for k, v in metrics.items()})
-    meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: max(int(metrics["samples"]), 1), "site": site}
+    meta = {
+        FLMetaKey.NUM_STEPS_CURRENT_ROUND: max(int(metrics["samples"]), 1),
+        "site": site,
+        "round": current_round,
+    }
     flare.send(flare.FLModel(params=result.weights, params_type="FULL", metrics=metrics, meta=meta))

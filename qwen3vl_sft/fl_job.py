@@ -102,17 +102,25 @@ def absolute_model_path(model: ModelConfig) -> ModelConfig:
 
 
 def resume_checkpoint(job: JobConfig) -> str | None:
-    """The last saved global model of this job in the workspace (for --resume)."""
+    """For --resume: the job's last saved global model, copied out of the job's run folder.
+
+    The simulator clears ``<workspace>/<job>`` when it starts, so the checkpoint (and the state file
+    saying which round it is) are first copied to ``<workspace>/resume/``.
+    """
     if not job.resume:
         return None
-    candidates = sorted(
-        Path(job.workspace).glob(f"{job.job_name}/**/FL_global_model.pt"), key=os.path.getmtime
-    )
+    pattern = f"{job.job_name}/**/FL_global_model.pt"
+    candidates = sorted(Path(job.workspace).glob(pattern), key=os.path.getmtime)
     if not candidates:
         raise DataError(
             f"--resume: no FL_global_model.pt under {job.workspace}/{job.job_name}; nothing to resume"
         )
-    return str(candidates[-1].resolve())
+    keep = Path(job.workspace).resolve() / "resume" / job.job_name
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in ("FL_global_model.pt", "fl_state.json"):
+        if (candidates[-1].parent / name).is_file():
+            shutil.copy2(candidates[-1].parent / name, keep / name)
+    return str(keep / "FL_global_model.pt")
 
 
 def completed_rounds(checkpoint: str | None) -> int:
@@ -154,7 +162,13 @@ def _recipe_class():
             super().__init__(**kwargs)
 
         def _get_controller_kwargs(self):
-            return {**super()._get_controller_kwargs(), "start_round": self._start_round}
+            # ignore_result_error: a crashed site is left out of the round instead of aborting the job;
+            # the persistor enforces --min_clients on what was actually aggregated.
+            return {
+                **super()._get_controller_kwargs(),
+                "start_round": self._start_round,
+                "ignore_result_error": True,
+            }
 
     return ResumableFedAvgRecipe
 
@@ -182,13 +196,14 @@ def build_recipe(
     model_args = {"model_config": dataclasses.asdict(model)}
     persistor = GlobalModelPersistor(
         model_config=dataclasses.asdict(model),
+        min_sites=job.min_clients or job.n_clients,
         model={"path": "model.Qwen3VLGlobalModel", "args": model_args},
         source_ckpt_file_full_name=checkpoint,
     )
     recipe = _recipe_class()(
         start_round=start_round,
         name=job.job_name,
-        min_clients=job.min_clients or job.n_clients,
+        min_clients=job.n_clients,  # NVFlare samples this many sites per round: all of them
         num_rounds=job.num_rounds - start_round,
         train_script="client.py",
         launch_external_process=True,

@@ -61,6 +61,7 @@ class GlobalModelPersistor(_persistor_base()):
     def __init__(
         self,
         model_config: dict,
+        min_sites: int = 1,
         model: dict | None = None,
         source_ckpt_file_full_name: str | None = None,
         key_metric: str = "val_accuracy",
@@ -75,6 +76,8 @@ class GlobalModelPersistor(_persistor_base()):
             model_config  # kept as given: NVFlare serialises constructor arguments into the job
         )
         self._model_cfg = ModelConfig(**model_config)
+        self.min_sites = min_sites
+        self._refused = False
         self.key_metric, self.key_mode = key_metric, key_mode
         self.best_value: float | None = None
         self._round_metrics: dict | None = None
@@ -86,7 +89,20 @@ class GlobalModelPersistor(_persistor_base()):
         if event == AppEventType.AFTER_AGGREGATION:
             result = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
             self._round_metrics = dict(result.metrics or {}) if result is not None else None
+            self._check_enough_sites(result, fl_ctx)
+        elif event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
+            return  # NVFlare would call the *new* model best; validation scored the previous one (see save_model)
         super().handle_event(event, fl_ctx)
+
+    def _check_enough_sites(self, result, fl_ctx) -> None:
+        aggregated = int((result.meta or {}).get("nr_aggregated", 0)) if result is not None else 0
+        self._refused = 0 < aggregated < self.min_sites
+        if self._refused:
+            self.system_panic(
+                f"only {aggregated} site(s) returned a model this round, fewer than --min_clients {self.min_sites}; "
+                f"the job stops and keeps the last global model in {self.log_dir}",
+                fl_ctx,
+            )
 
     def save_model(self, ml, fl_ctx) -> None:
         from nvflare.app_common.abstract.model import ModelLearnableKey
@@ -94,6 +110,8 @@ class GlobalModelPersistor(_persistor_base()):
 
         weights = ml.get(ModelLearnableKey.WEIGHTS) or {}
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if self._refused:
+            return  # too few sites this round (see _check_enough_sites): the last global model stays
         if not weights:
             self.system_panic(
                 f"round {current_round}: every site failed, the aggregate is empty; the job stops and keeps the "

@@ -104,9 +104,10 @@ class RoundTrainer(Trainer):
         self.counters.supervised_tokens += int((inputs["labels"] != -100).sum())
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _check_bad_fraction(self) -> None:
+    def _check_bad_fraction(self, min_seen: int = 20) -> None:
+        """Abort once enough samples were seen (mid-round) or at the end of the round (min_seen=1)."""
         seen = self.counters.samples + self.counters.skipped
-        if seen >= 20 and self.counters.skipped > self.max_bad_fraction * seen:
+        if seen >= min_seen and self.counters.skipped > self.max_bad_fraction * seen:
             raise DataError(
                 f"{self.counters.skipped} of {seen} samples had missing or unreadable images "
                 f"(more than max_bad_sample_fraction {self.max_bad_fraction}); fix the data or the image_root"
@@ -181,7 +182,12 @@ class SFTEngine:
         start = time.monotonic()
         output = trainer.train()
         seconds = time.monotonic() - start
+        trainer._check_bad_fraction(min_seen=1)
         counts = trainer.counters.reduce()
+        if counts.samples == 0:
+            raise DataError(
+                f"round {round_index}: no sample could be trained on ({counts.dropped} had no answer left)"
+            )
         metrics = {
             "train_loss": float(output.training_loss),
             "steps": int(output.global_step),

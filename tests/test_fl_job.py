@@ -1,0 +1,156 @@
+"""The federated job on real NVFlare (simulator, CPU, tiny model): averaging, exclusion, LoRA, resume.
+
+Each test runs a short NVFlare job end to end, so they are marked slow; CI runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen3vl_sft import fl_job
+from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, PrepareDataConfig, TrainConfig
+from qwen3vl_sft.modeling import load_model
+from qwen3vl_sft.prepare import run as prepare_shards
+from qwen3vl_sft.weights import exchanged_names
+
+pytestmark = pytest.mark.slow
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def shards(synth_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=3))
+    return out
+
+
+def break_site(shards: Path, site: str, into: Path) -> Path:
+    """A copy of the shards where ``site``'s images all point at files that do not exist."""
+    import shutil
+
+    shutil.copytree(shards, into)
+    path = into / site / "train.json"
+    records = json.loads(path.read_text())
+    for r in records:
+        r["image"] = [f"images/gone_{i}_{r['id']}.jpg" for i, _ in enumerate(r["image"])]
+    path.write_text(json.dumps(records))
+    return into
+
+
+def configs(tmp_path, model_dir, data_dir, **job_kw):
+    job = JobConfig(data_dir=str(data_dir), workspace=str(tmp_path / "ws"), num_rounds=2, **job_kw)
+    model = ModelConfig(model_name_or_path=str(model_dir))
+    data = DataConfig(dataloader_num_workers=0)
+    train = TrainConfig(
+        max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, disable_progress_bar=True
+    )
+    return job, model, data, train
+
+
+def run_job(job, model, data, train, record_dir: Path | None = None):
+    from nvflare.recipe.sim_env import SimEnv
+
+    recipe = fl_job.build_recipe(job, model, data, train)
+    if record_dir is not None:
+        from fl_recorder import ResultRecorder
+
+        recipe.add_server_file(str(TESTS_DIR / "fl_recorder.py"))
+        recipe.add_server_input_filter(ResultRecorder(str(record_dir)), tasks=["train"])
+    env = fl_job.execution_env(job, 0)
+    assert isinstance(env, SimEnv)
+    return fl_job.summarize(job, recipe.run(env).get_result())
+
+
+def server_dir(job) -> Path:
+    return next(Path(job.workspace).glob(f"{job.job_name}/server/simulate_job/app_server"))
+
+
+def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_model_dir, shards, tmp_path):
+    data_dir = break_site(shards, "site-3", tmp_path / "data")
+    job, model, data, train = configs(tmp_path, tiny_model_dir, data_dir, n_clients=3, min_clients=2)
+    summary = run_job(job, model, data, train, record_dir=tmp_path / "sent")
+
+    sent = {p.stem: load_file(p) for p in (tmp_path / "sent").glob("round1-*.safetensors")}
+    assert set(sent) == {"round1-site-1", "round1-site-2"}  # site-3 failed and sent nothing to average
+    meta = {s: json.loads((tmp_path / "sent" / f"{s}.json").read_text())["meta"] for s in sent}
+    weights = {s: m["NUM_STEPS_CURRENT_ROUND"] for s, m in meta.items()}
+    assert weights == {"round1-site-1": 12, "round1-site-2": 12}  # samples trained: 3 steps x 4
+
+    saved = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
+    expected_keys = exchanged_names(load_model(ModelConfig(model_name_or_path=str(tiny_model_dir))))
+    assert sorted(saved) == sorted(expected_keys) == sorted(next(iter(sent.values())))
+    total = sum(weights.values())
+    for name, tensor in saved.items():
+        mean = sum(sent[s][name].float() * w for s, w in weights.items()) / total
+        torch.testing.assert_close(tensor.float(), mean, atol=1e-2, rtol=1e-2)  # NVFlare sums in bf16
+    site3_log = next(Path(job.workspace).glob(f"{job.job_name}/site-3/**/qwen3vl_client.log")).read_text()
+    assert "Qwen SFT failed on site-3" in site3_log and "max_bad_sample_fraction" in site3_log
+    server_log = (Path(job.workspace) / job.job_name / "server" / "log.txt").read_text()
+    assert server_log.count("Empty result from client site-3, skipping") == 2
+
+    rows = {(r["round"], r["site"]) for r in summary.rows}
+    assert rows == {(0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")}
+    assert "val_accuracy" in summary.rows[-1] and summary.rows[-1]["sent_mib"] > 0
+
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    hf_dir = Path(summary.global_model_dir)
+    loaded = Qwen3VLForConditionalGeneration.from_pretrained(hf_dir)
+    torch.testing.assert_close(
+        loaded.model.visual.merger.linear_fc1.weight, saved["model.visual.merger.linear_fc1.weight"].float()
+    )
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Which imaging modality is this?"}]}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    out = loaded.generate(**processor(text=[prompt], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > len(processor.tokenizer(prompt)["input_ids"])
+    assert (server_dir(job) / "best_global_model_hf" / "model.safetensors").is_file()
+    state = json.loads((server_dir(job) / "fl_state.json").read_text())
+    assert state["last_round"] == 1 and state["key_metric"] == "val_accuracy"
+
+
+def test_lora_job_with_two_processes_per_site(tiny_model_dir, shards, tmp_path):
+    job, model, data, train = configs(tmp_path, tiny_model_dir, shards, n_clients=2, nproc_per_client=2)
+    job = dataclasses.replace(job, num_rounds=1)
+    model = dataclasses.replace(model, lora=True, lora_r=4, lora_alpha=8)
+    summary = run_job(job, model, data, train)
+    saved = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert any(
+        k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in saved.items()
+    )  # B trained from 0
+    assert {r["samples"] for r in summary.rows} == {24.0}  # 2 ranks x 3 steps x 4 samples
+
+    from peft import PeftModel
+
+    base = load_model(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    adapted = PeftModel.from_pretrained(base, summary.global_model_dir)
+    name = next(k for k in saved if k.endswith("lora_B.weight"))
+    module_name = name.replace("base_model.model.", "").replace(".lora_B.weight", "")
+    torch.testing.assert_close(
+        adapted.base_model.model.get_submodule(module_name).lora_B["default"].weight, saved[name].float()
+    )
+
+
+def test_resume_continues_at_the_next_round_from_the_saved_model(tiny_model_dir, shards, tmp_path):
+    job, model, data, train = configs(tmp_path, tiny_model_dir, shards, n_clients=2)
+    run_job(dataclasses.replace(job, num_rounds=1), model, data, train)
+    first = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
+    summary = run_job(dataclasses.replace(job, resume=True), model, data, train, record_dir=tmp_path / "sent")
+    assert {r["round"] for r in summary.rows} == {1}
+    assert {p.name.split("-")[0] for p in (tmp_path / "sent").glob("*.json")} == {"round1"}
+    assert json.loads((server_dir(job) / "fl_state.json").read_text())["last_round"] == 1
+    second = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
+    assert not torch.equal(
+        first["model.visual.merger.linear_fc1.weight"], second["model.visual.merger.linear_fc1.weight"]
+    )
+    with pytest.raises(Exception, match="all 2 rounds are done"):
+        fl_job.build_recipe(dataclasses.replace(job, resume=True), model, data, train)
