@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -114,6 +115,30 @@ class RoundTrainer(Trainer):
             )
 
 
+TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_WORLD_SIZE",
+)
+
+
+def leave_single_process_torchrun() -> None:
+    """Under ``torchrun --nproc_per_node=1`` run as a plain process.
+
+    accelerate treats any torchrun launch as distributed and wraps the model in DDP over gloo even
+    for one process; with three CPU sites on two cores that made each step 5x slower (measured:
+    30 steps 32-38 s vs 7-8 s). One process needs no process group, so drop the launcher's variables.
+    """
+    if os.environ.get("WORLD_SIZE") == "1" and not torch.distributed.is_initialized():
+        for name in TORCHRUN_VARS:
+            os.environ.pop(name, None)
+
+
 def training_arguments(config: SFTConfig) -> TrainingArguments:
     """Map our TrainConfig onto HF TrainingArguments (nothing is checkpointed mid-round)."""
     t, cuda = config.train, torch.cuda.is_available()
@@ -149,6 +174,7 @@ class SFTEngine:
         self.config = config
         if config.train.torch_threads > 0:
             torch.set_num_threads(config.train.torch_threads)
+        leave_single_process_torchrun()
         start = time.monotonic()
         self.processor = load_processor(
             config.model.model_name_or_path, config.data, config.model.trust_remote_code
