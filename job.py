@@ -32,7 +32,8 @@ def main(argv=None):
             print(f"Job exported to {job.export_dir}; submit it with: nvflare job submit -j {job.export_dir}")
             return
         run = recipe.run(fl_job.execution_env(job, torch.cuda.device_count()))
-        summary = fl_job.summarize(job, run.get_result())
+        # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
+        summary = fl_job.summarize(job, run.get_result(clean_up=job.env != "poc"))
     except DataError as err:
         sys.exit(f"error: {err}")
     print(summary.text)

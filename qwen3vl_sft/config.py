@@ -172,7 +172,9 @@ class JobConfig:
     workspace: str = _f("/tmp/nvflare/qwen3vl_fedavg", "NVFlare workspace root.")
     job_name: str = _f("qwen3-vl-fedavg", "NVFlare job name.")
     env: Literal["sim", "poc"] = _f("sim", "sim = NVFlare simulator, poc = real server and clients (PoC).")
-    export_dir: str = _f("", "Write the job folder for 'nvflare job submit' here instead of running it.")
+    export_dir: str = _f(
+        "", "Write the job folder for 'nvflare job submit' here instead of running it.", aliases=["--export"]
+    )
     resume: bool = _f(False, "Continue a stopped job from its last saved global model.")
     wandb: bool = _f(False, "Also track with Weights & Biases (offline unless WANDB_API_KEY is set).")
     demo: bool = _f(False, "CPU demo: tiny model and synthetic data built offline, then the federated job.")

@@ -211,7 +211,7 @@ def build_recipe(
         key_metric=KEY_METRIC,
         model_persistor=persistor,
     )
-    data_dir = Path(job.data_dir).resolve()
+    data_dir = Path(job.data_dir) if job.export_dir else Path(job.data_dir).resolve()
     threads = cpu_threads_per_site(job)
     per_site = {}
     for index, site in enumerate(sites):
