@@ -149,15 +149,6 @@ def write_hf_directory(
     return Path(out)
 
 
-def load_global_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of an NVFlare global-model file, loaded without unpickling code."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    state = data.get("model", data) if isinstance(data, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a weights file (expected {{'model': {{name: tensor}}}})")
-    return state
-
-
 def main(argv: list[str] | None = None) -> None:
     from .config import parse
 
@@ -165,8 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global_model", required=True)
     parser.add_argument("--output", required=True)
     args, rest = parser.parse_known_args(argv)
+    from .inference import read_weights_file  # the one safe reader of weights files (weights_only)
+
     (model_config,) = parse((ModelConfig,), rest, description=__doc__)
-    out = write_hf_directory(load_global_pt(args.global_model), model_config, args.output)
+    tensors, _ = read_weights_file(args.global_model)
+    out = write_hf_directory(tensors, model_config, args.output)
     print(f"HF directory written to {out}")
 
 

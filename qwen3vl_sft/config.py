@@ -228,9 +228,14 @@ def to_flags(*configs: Any) -> list[str]:
 
 def parse(config_classes: tuple[type, ...], args: list[str] | None = None, description: str = "") -> tuple:
     """Parse a command line into instances of ``config_classes`` (help texts come from the fields)."""
+    import argparse
+
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(config_classes, description=description)
+    # Raw description: module docstrings carry runnable commands, one per line.
+    parser = HfArgumentParser(
+        config_classes, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from .checkpoints import initial_exchanged, write_hf_directory
 from .config import ModelConfig
-from .fileio import atomic_write_json
+from .fileio import atomic_dir, atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 LATEST_HF_DIR = "global_model_hf"
@@ -120,12 +120,33 @@ class GlobalModelPersistor(_persistor_base()):
             )
             return
         self._maybe_promote_previous(current_round)
+        self._current_round = current_round
         super().save_model(ml, fl_ctx)
         tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
         write_hf_directory(tensors, self._model_cfg, Path(self.log_dir) / LATEST_HF_DIR)
         atomic_write_json(Path(self.log_dir) / STATE_FILE, self._state(current_round))
         self.log_info(fl_ctx, f"Global model of round {current_round} saved to {self._ckpt_save_path} and "
                               f"{Path(self.log_dir) / LATEST_HF_DIR}")  # fmt: skip
+
+    def save_model_file(self, save_path: str) -> None:
+        """NVFlare's checkpoint dict plus ``meta`` (base model, LoRA settings, round), which lets
+        run_inference.py rebuild the model from the .pt alone; written atomically."""
+        data = self.persistence_manager.to_persistence_dict()
+        data["meta"] = self._file_meta()
+        with atomic_path(save_path) as tmp:
+            torch.save(data, tmp)
+
+    def _file_meta(self) -> dict:
+        cfg = self._model_cfg
+        lora = None
+        if cfg.lora:
+            lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                    "target_modules": cfg.lora_targets()}  # fmt: skip
+        return {
+            "base_model": cfg.model_name_or_path,
+            "lora": lora,
+            "round": getattr(self, "_current_round", None),
+        }
 
     def _state(self, current_round) -> dict:
         return {
@@ -148,14 +169,10 @@ class GlobalModelPersistor(_persistor_base()):
         if not better:
             return
         self.best_value = value
-        best_dir = Path(self.log_dir) / BEST_HF_DIR
-        tmp_dir = best_dir.with_name(best_dir.name + ".tmp")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.copytree(latest_dir, tmp_dir)
-        shutil.rmtree(best_dir, ignore_errors=True)
-        os.replace(tmp_dir, best_dir)
-        shutil.copy2(self._ckpt_save_path, self._best_ckpt_save_path + ".tmp")
-        os.replace(self._best_ckpt_save_path + ".tmp", self._best_ckpt_save_path)
+        with atomic_dir(Path(self.log_dir) / BEST_HF_DIR) as tmp_dir:
+            shutil.copytree(latest_dir, tmp_dir, dirs_exist_ok=True)
+        with atomic_path(self._best_ckpt_save_path) as tmp:
+            shutil.copy2(self._ckpt_save_path, tmp)
         logger.info("Round %s: %s=%.4f is the best so far; model of round %s kept as best", current_round,
                     self.key_metric, value, int(current_round) - 1)  # fmt: skip
 

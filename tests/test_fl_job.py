@@ -82,7 +82,9 @@ def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_m
     weights = {s: m["NUM_STEPS_CURRENT_ROUND"] for s, m in meta.items()}
     assert weights == {"round1-site-1": 12, "round1-site-2": 12}  # samples trained: 3 steps x 4
 
-    saved = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
+    checkpoint = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)
+    assert checkpoint["meta"] == {"base_model": str(tiny_model_dir), "lora": None, "round": 1}
+    saved = checkpoint["model"]
     expected_keys = exchanged_names(load_model(ModelConfig(model_name_or_path=str(tiny_model_dir))))
     assert sorted(saved) == sorted(expected_keys) == sorted(next(iter(sent.values())))
     total = sum(weights.values())
