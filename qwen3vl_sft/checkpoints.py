@@ -117,17 +117,11 @@ def _write_full_model(tensors: dict[str, torch.Tensor], base: Path, out: Path) -
 
 
 def _write_adapter(tensors: dict[str, torch.Tensor], model_config: ModelConfig, out: Path) -> None:
-    from peft import LoraConfig
+    from .modeling import lora_config
 
-    config = LoraConfig(
-        r=model_config.lora_r,
-        lora_alpha=model_config.lora_alpha,
-        lora_dropout=model_config.lora_dropout,
-        target_modules=model_config.lora_targets(),
-        bias="none",
-        base_model_name_or_path=model_config.model_name_or_path,
+    lora_config(model_config, base_model_name_or_path=model_config.model_name_or_path).save_pretrained(
+        str(out)
     )
-    config.save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "adapter_model.safetensors")
 
 

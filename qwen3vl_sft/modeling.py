@@ -105,21 +105,28 @@ def is_trainable_name(name: str, config: ModelConfig) -> bool:
     raise ModelError(f"parameter {name!r} belongs to no known Qwen3-VL part; cannot apply tune flags")
 
 
+def lora_config(config: ModelConfig, **extra):
+    """PEFT LoraConfig from our ModelConfig (training and the server's adapter files use the same)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets(),
+        bias="none",
+        **extra,
+    )
+
+
 def set_trainable(model, config: ModelConfig):
     """Freeze by the tune flags, or wrap in PEFT LoRA (then only the adapters train)."""
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         for param in model.parameters():
             param.requires_grad_(False)
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.lora_targets(),
-            bias="none",
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(config))
     else:
         for name, param in model.named_parameters():
             param.requires_grad_(is_trainable_name(name, config))

@@ -24,10 +24,10 @@ import argparse
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .fileio import atomic_dir
 
 DATA_FILE_NAME = "PubMedVision_InstructionTuning_VQA.json"
 IMAGE_SIZE = 64
@@ -149,19 +149,12 @@ def make_record(index: int, rng: random.Random, spec: SyntheticSpec, images_dir:
 def generate(output: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Write the data set to ``output`` atomically (temp dir, then rename); returns the JSON path."""
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp_dir:
+        tmp = Path(tmp_dir)
         (tmp / "images").mkdir()
         rng = random.Random(spec.seed)
         records = [make_record(i, rng, spec, tmp / "images") for i in range(spec.num_records)]
         (tmp / DATA_FILE_NAME).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out / DATA_FILE_NAME
 
 

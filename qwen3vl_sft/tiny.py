@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .fileio import atomic_dir
 
 TEXT_HIDDEN = 128
 COMPACT_VOCAB = 1024
@@ -235,10 +235,8 @@ def build(output: str | os.PathLike, variant: str = "compact", seed: int = 0) ->
     if variant not in ("compact", "qwen-ids"):
         raise ValueError(f"--variant must be 'compact' or 'qwen-ids', not {variant!r}")
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out) as tmp_dir:
+        tmp = Path(tmp_dir)
         tokenizer = build_tokenizer(variant)
         processor = build_processor(tokenizer)
         config = build_config(tokenizer, variant)
@@ -251,12 +249,6 @@ def build(output: str | os.PathLike, variant: str = "compact", seed: int = 0) ->
         if variant == "qwen-ids":
             _write_slow_tokenizer_files(tokenizer, tmp)
             _add_legacy_rope_scaling(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
