@@ -1,7 +1,7 @@
 """Step time on the tiny Qwen3-VL with the real data pipeline vs batches held in memory, side by side.
 
     .venv/bin/python bench/bench_data_pipeline.py                      # tiny model + synthetic data, offline
-    .venv/bin/python bench/bench_data_pipeline.py --steps 40 --batch_size 8 --repeats 3
+    .venv/bin/python bench/bench_data_pipeline.py --steps 40 --batch_size 8 --repeats 3 --profile
 
 Target: with the real data pipeline the step time is within 10 % of the step time on pre-collated
 batches held in memory. Every variant trains the same model (weights reset before each run), with the
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="Optimizer steps per timed run.")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant (best is kept).")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed runs per variant (best is kept).")
     parser.add_argument("--num_records", type=int, default=256)
     parser.add_argument(
         "--work_dir", default="", help="Where the tiny model / data are built (default: temp)"

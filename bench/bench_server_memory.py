@@ -1,13 +1,15 @@
 """Server peak RSS while it builds the global model, aggregates site results and writes the HF directory.
 
-    .venv/bin/python bench/bench_server_memory.py                 # ~390 MB of exchanged tensors, 5 rounds
-    .venv/bin/python bench/bench_server_memory.py --layers 2 --rounds 3 --sites 3
+    .venv/bin/python bench/bench_server_memory.py                           # ~370 MB exchanged, 5 rounds
+    .venv/bin/python bench/bench_server_memory.py --vocab 151936 --layers 3   # real vocab: ~390 MB exchanged
 
 Target: server peak RSS during aggregation at most 2x the exchanged bytes.
 
 The script builds a Qwen3-VL checkpoint large enough for the ratio to mean something (text hidden 1024,
-the real 151,936-token vocabulary, a small vision tower; bf16 safetensors), then measures in a fresh
-child process, after its imports (the baseline):
+12 layers, a 32,768-token vocabulary, a small vision tower; bf16 safetensors), then measures in a fresh
+child process, after its imports (the baseline). The vocabulary is cut so that the largest tensor (the
+embedding) is 18 % of the message, as in Qwen3-VL-2B (593.5 of 3473.8 MiB): peaks that read results one
+tensor at a time depend on that share; with the real vocabulary at this width it is 80 %.
 
 1. ``GlobalModel(...)``: the server's global model, read from the safetensors without building the model;
 2. per round: NVFlare's ``WeightedAggregationHelper`` over ``--sites`` simulated results (fresh bf16
@@ -17,14 +19,16 @@ child process, after its imports (the baseline):
 Peaks come from the kernel's high-water mark (VmHWM), reset before each phase through
 ``/proc/self/clear_refs``, so every phase and every round has its own peak. RSS counts file-backed
 pages too: GlobalModel's tensors are mmaps of the base safetensors (safetensors hands them out without
-a copy), resident once read. Three server variants run:
+a copy), resident once read. Four server variants run:
 
 * ``as is``: the GlobalModel object keeps the tensors it was built with, as GlobalModelPersistor's
   ``self.model`` does for the whole job;
 * ``initial released``: the GlobalModel's tensors are dropped once handed over (proposed fix);
-* ``released + per-tensor results``: also, each site result is read one tensor at a time inside the
-  helper (``materialize()``), as NVFlare's ``enable_tensor_disk_offload`` delivers results (simulated:
-  the memory effect of reading one tensor from disk, without NVFlare's streaming stack).
+* ``released + cleanup``: also NVFlare's ``cleanup_memory()`` (gc + malloc_trim) after every round, what
+  ``FedAvgRecipe(server_memory_gc_rounds=1)`` does: glibc keeps freed tensors of a few MB in its heap;
+* ``released + cleanup + per-tensor results``: also, each site result is read one tensor at a time
+  inside the helper (``materialize()``), as NVFlare's ``enable_tensor_disk_offload`` delivers results
+  (simulated: the memory effect of reading one tensor from disk, without NVFlare's streaming stack).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ SITE_STEPS = (10, 20, 30)  # NUM_STEPS_CURRENT_ROUND of each simulated site: Fed
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=1024, help="Text hidden size.")
-    parser.add_argument("--layers", type=int, default=3, help="Text decoder layers.")
-    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--layers", type=int, default=12, help="Text decoder layers.")
+    parser.add_argument("--vocab", type=int, default=32768, help="Vocabulary (Qwen3-VL: 151936).")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--work_dir", default="", help="Where the checkpoint is built (default: temp)")
@@ -74,6 +78,10 @@ def reset_peak() -> None:
 
 
 # --------------------------------------------------------------------------- the checkpoint
+
+
+def checkpoint_dir(args) -> Path:
+    return Path(args.work_dir) / f"checkpoint-h{args.hidden}-l{args.layers}-v{args.vocab}"
 
 
 def build_checkpoint(args, out: Path) -> Path:
@@ -104,7 +112,7 @@ def build_checkpoint(args, out: Path) -> Path:
 
 # --------------------------------------------------------------------------- child: the measured server
 
-VARIANTS = ("as is", "initial released", "released + per-tensor results")
+VARIANTS = ("as is", "initial released", "released + cleanup", "released + cleanup + per-tensor results")
 
 
 class LazyTensor:
@@ -177,12 +185,15 @@ def emit(**row) -> None:
 def child(args) -> None:
     """Runs in a fresh process: prints one JSON line per phase for the parent."""
     warm_imports()
+    from nvflare.fuel.utils.memory_utils import cleanup_memory
+
     from qwen3vl_sft.config import ModelConfig
     from qwen3vl_sft.fl_server import GlobalModel
     from qwen3vl_sft.weights import message_bytes
 
-    ckpt, out = Path(args.work_dir) / "checkpoint", Path(tempfile.mkdtemp(dir=args.work_dir))
+    ckpt, out = checkpoint_dir(args), Path(tempfile.mkdtemp(dir=args.work_dir))
     model_config, lazy = ModelConfig(model_name_or_path=str(ckpt)), "per-tensor" in args.child
+    cleanup = cleanup_memory if "cleanup" in args.child else lambda: None
     emit(phase="baseline")
     reset_peak()
     server_model = GlobalModel({"model_name_or_path": str(ckpt)})
@@ -199,6 +210,7 @@ def child(args) -> None:
         check_average(probe, before, current, args.sites)
         reset_peak()
         write_outputs(current, model_config, out)
+        cleanup()  # gc.collect + malloc_trim: what FedAvgRecipe(server_memory_gc_rounds=1) runs after a round
         emit(phase=f"round {round_index + 1}", aggregate=aggregation_peak, write=status_mb("VmHWM"))
 
 
@@ -207,7 +219,8 @@ def child(args) -> None:
 
 def run_child(args, variant: str) -> list[dict]:
     command = [sys.executable, os.path.abspath(__file__), "--child", variant, "--work_dir", args.work_dir]
-    command += ["--rounds", str(args.rounds), "--sites", str(args.sites)]
+    for flag in ("hidden", "layers", "vocab", "rounds", "sites"):
+        command += [f"--{flag}", str(getattr(args, flag))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{variant}: child failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -240,7 +253,7 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         args.work_dir = args.work_dir or tmp
-        build_checkpoint(args, Path(args.work_dir) / "checkpoint")
+        build_checkpoint(args, checkpoint_dir(args))
         results = {variant: run_child(args, variant) for variant in VARIANTS}
     print(f"Qwen3-VL text hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.sites} sites, "
           f"{args.rounds} rounds; target: peak ratio <= {TARGET_RATIO:.0f}")  # fmt: skip
