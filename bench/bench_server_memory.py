@@ -182,25 +182,13 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def child(args) -> None:
-    """Runs in a fresh process: prints one JSON line per phase for the parent."""
-    warm_imports()
+def run_rounds(args, server_model, model_config, out: Path) -> None:
     from nvflare.fuel.utils.memory_utils import cleanup_memory
 
-    from qwen3vl_sft.config import ModelConfig
-    from qwen3vl_sft.fl_server import GlobalModel
-    from qwen3vl_sft.weights import message_bytes
-
-    ckpt, out = checkpoint_dir(args), Path(tempfile.mkdtemp(dir=args.work_dir))
-    model_config, lazy = ModelConfig(model_name_or_path=str(ckpt)), "per-tensor" in args.child
-    cleanup = cleanup_memory if "cleanup" in args.child else lambda: None
-    emit(phase="baseline")
-    reset_peak()
-    server_model = GlobalModel({"model_name_or_path": str(ckpt)})
-    current = server_model.state_dict()
-    emit(phase="GlobalModel", peak=status_mb("VmHWM"), bytes=message_bytes(current))
+    current = server_model.state_dict()  # the round loop's global model (the same tensors, no copy)
     if args.child != "as is":
         server_model.load_state_dict({})  # the persistor would drop its copy once the round loop owns it
+    lazy = "per-tensor" in args.child
     probe = min(current, key=lambda n: current[n].numel())
     for round_index in range(args.rounds):
         before = current[probe].clone()
@@ -210,8 +198,25 @@ def child(args) -> None:
         check_average(probe, before, current, args.sites)
         reset_peak()
         write_outputs(current, model_config, out)
-        cleanup()  # gc.collect + malloc_trim: what FedAvgRecipe(server_memory_gc_rounds=1) runs after a round
+        if "cleanup" in args.child:
+            cleanup_memory()  # gc.collect + malloc_trim: what FedAvgRecipe(server_memory_gc_rounds=1) runs
         emit(phase=f"round {round_index + 1}", aggregate=aggregation_peak, write=status_mb("VmHWM"))
+
+
+def child(args) -> None:
+    """Runs in a fresh process: prints one JSON line per phase for the parent."""
+    warm_imports()
+    from qwen3vl_sft.config import ModelConfig
+    from qwen3vl_sft.fl_server import GlobalModel
+    from qwen3vl_sft.weights import message_bytes
+
+    ckpt = checkpoint_dir(args)
+    emit(phase="baseline")
+    reset_peak()
+    server_model = GlobalModel({"model_name_or_path": str(ckpt)})
+    emit(phase="GlobalModel", peak=status_mb("VmHWM"), bytes=message_bytes(server_model.state_dict()))
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as out:  # ~2x the checkpoint per variant
+        run_rounds(args, server_model, ModelConfig(model_name_or_path=str(ckpt)), Path(out))
 
 
 # --------------------------------------------------------------------------- parent: run and report
