@@ -123,6 +123,11 @@ class DataConfig:
     )
     max_image_side: int = _f(16384, "Images whose width or height exceeds this are refused before decoding.")
     dataloader_num_workers: int = _f(2, "Worker processes that load and resize images.")
+    cache_samples: bool = _f(
+        False,
+        "Build every sample once and keep it in memory across rounds (about 1.2 MB per 224x224 image): "
+        "for small shards and CPU runs, where building samples costs as much as training on them.",
+    )
     system_prompt: str = _f("", "Optional system message prepended to every conversation.")
 
 

@@ -29,7 +29,7 @@ DEMO_TRAIN = {
     "logging_steps": 20,
     "disable_progress_bar": True,
 }
-DEMO_DATA = {"dataloader_num_workers": 0}
+DEMO_DATA = {"dataloader_num_workers": 0, "cache_samples": True}
 DEMO_RECORDS = 1500
 
 

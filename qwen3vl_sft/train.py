@@ -160,7 +160,8 @@ def training_arguments(config: SFTConfig) -> TrainingArguments:
         bf16=cuda and resolve_dtype(config.model) == torch.bfloat16,
         use_cpu=not cuda,
         remove_unused_columns=False,
-        dataloader_num_workers=config.data.dataloader_num_workers,
+        # Cached samples are ready: workers would only add start-up and transfer costs.
+        dataloader_num_workers=0 if config.data.cache_samples else config.data.dataloader_num_workers,
         activation_checkpointing=config.model.gradient_checkpointing,
         ddp_find_unused_parameters=False,
         disable_tqdm=t.disable_progress_bar,
@@ -176,13 +177,16 @@ class SFTEngine:
             torch.set_num_threads(config.train.torch_threads)
         leave_single_process_torchrun()
         start = time.monotonic()
+        # The model first: it checks the checkpoint is Qwen3-VL (ModelError naming the flag); a
+        # processor load from another model's directory failed with an obscure AttributeError.
+        self.model = load_model(config.model)
         self.processor = load_processor(
             config.model.model_name_or_path, config.data, config.model.trust_remote_code
         )
-        self.model = load_model(config.model)
         if config.model.gradient_checkpointing and config.model.lora:
             self.model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need grad inputs
         self.dataset = build_dataset(self.processor, config.data)
+        self.dataset.fill_cache(config.data.dataloader_num_workers)
         self.load_seconds = time.monotonic() - start
 
     def apply(self, weights: dict[str, torch.Tensor]) -> None:

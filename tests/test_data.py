@@ -171,3 +171,14 @@ def test_dataset_reads_a_synthetic_file_lazily(processor, synth_file):
     assert len(dataset) == 200
     sample = dataset[0]
     assert "input_ids" in sample and (sample["labels"] != X).any()
+
+
+def test_cached_dataset_builds_each_sample_once(processor, synth_file):
+    dataset = build_dataset(processor, DataConfig(cache_samples=True), str(synth_file))
+    fresh = dataset[7]
+    dataset.fill_cache(num_workers=0)
+    assert len(dataset.cache) == len(dataset) == 200
+    dataset.builder = None  # a rebuild would now fail: every sample must come from the cache
+    cached = dataset[7]
+    assert set(cached) == set(fresh)
+    assert all(torch.equal(cached[k], fresh[k]) for k in fresh)
