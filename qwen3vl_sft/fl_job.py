@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig, to_flags
+from .fileio import atomic_path
 from .records import DataError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -104,31 +105,63 @@ def absolute_model_path(model: ModelConfig) -> ModelConfig:
 def resume_checkpoint(job: JobConfig) -> str | None:
     """For --resume: the job's last saved global model, copied out of the job's run folder.
 
-    The simulator clears ``<workspace>/<job>`` when it starts, so the checkpoint (and the state file
-    saying which round it is) are first copied to ``<workspace>/resume/``.
+    The simulator clears ``<workspace>/<job>`` when it starts, so the checkpoint (and the state file)
+    are first copied, atomically, to ``<workspace>/resume/<job>/``. That copy is a candidate too: a
+    resumed run killed before it saved a round leaves nothing under ``<workspace>/<job>`` (fault test
+    fix: the copy used to be ignored, so a second --resume found "nothing to resume").
     """
     if not job.resume:
         return None
-    pattern = f"{job.job_name}/**/FL_global_model.pt"
-    candidates = sorted(Path(job.workspace).glob(pattern), key=os.path.getmtime)
+    keep = Path(job.workspace).resolve() / "resume" / job.job_name
+    found = [*Path(job.workspace).glob(f"{job.job_name}/**/FL_global_model.pt"), keep / "FL_global_model.pt"]
+    candidates = [path for path in found if path.is_file()]
     if not candidates:
         raise DataError(
-            f"--resume: no FL_global_model.pt under {job.workspace}/{job.job_name}; nothing to resume"
+            f"--resume: no FL_global_model.pt under {job.workspace}/{job.job_name} or {keep}; nothing to resume"
         )
-    keep = Path(job.workspace).resolve() / "resume" / job.job_name
-    keep.mkdir(parents=True, exist_ok=True)
-    for name in ("FL_global_model.pt", "fl_state.json"):
-        if (candidates[-1].parent / name).is_file():
-            shutil.copy2(candidates[-1].parent / name, keep / name)
+    latest = max(candidates, key=lambda path: (completed_rounds(path), os.path.getmtime(path)))
+    if latest.parent != keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in ("FL_global_model.pt", "fl_state.json"):
+            (keep / name).unlink(missing_ok=True)
+            if (latest.parent / name).is_file():
+                with atomic_path(keep / name) as tmp:
+                    shutil.copy2(latest.parent / name, tmp)
     return str(keep / "FL_global_model.pt")
 
 
-def completed_rounds(checkpoint: str | None) -> int:
-    """Rounds already done by the run that wrote ``checkpoint`` (from the persistor's state file)."""
+def completed_rounds(checkpoint: str | os.PathLike | None) -> int:
+    """Rounds already done by the run that wrote ``checkpoint``.
+
+    Read from the checkpoint itself: its meta round is written in the same atomic rename as the weights
+    (fault test fix: fl_state.json is written after global_model_hf/, so a kill between the two left it
+    a round behind the weights and --resume trained that round twice). fl_state.json is the fallback.
+    """
     if checkpoint is None:
         return 0
+    from .inference import CheckpointError, read_weights_file  # weights_only: never unpickles code
+
+    try:
+        _, meta = read_weights_file(checkpoint)
+    except CheckpointError as err:
+        raise DataError(f"--resume: {err}") from err
+    if meta.get("round") is not None:
+        return int(meta["round"]) + 1
     state = Path(checkpoint).with_name("fl_state.json")
     return int(json.loads(state.read_text())["last_round"]) + 1 if state.is_file() else 0
+
+
+def check_model(model: ModelConfig) -> None:
+    """Refuse a local --model_name_or_path that is not Qwen3-VL before the job starts (fault test fix:
+    it used to start, then the server failed inside NVFlare). Hub ids are checked where they load."""
+    if not os.path.isdir(model.model_name_or_path):
+        return
+    from .modeling import ModelError, model_class
+
+    try:
+        model_class(model.model_name_or_path, model.trust_remote_code)
+    except ModelError as err:
+        raise DataError(str(err)) from err
 
 
 def stage_package() -> str:
@@ -186,6 +219,7 @@ def build_recipe(
     from .fl_server import GlobalModelPersistor
 
     sites, model = site_names(job.n_clients), absolute_model_path(model)
+    check_model(model)
     backend = backend or BackendConfig()
     checkpoint = resume_checkpoint(job)
     start_round = completed_rounds(checkpoint)

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 LATEST_HF_DIR = "global_model_hf"
 BEST_HF_DIR = "best_global_model_hf"
 STATE_FILE = "fl_state.json"
+RESUME_HINT = "fix the failing sites (see their logs) and continue with: python job.py --resume <same flags>"
 
 
 class GlobalModel(torch.nn.Module):
@@ -89,10 +90,29 @@ class GlobalModelPersistor(_persistor_base()):
         if event == AppEventType.AFTER_AGGREGATION:
             result = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
             self._round_metrics = dict(result.metrics or {}) if result is not None else None
+            self._log_contributions(fl_ctx)
             self._check_enough_sites(result, fl_ctx)
         elif event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
             return  # NVFlare would call the *new* model best; validation scored the previous one (see save_model)
         super().handle_event(event, fl_ctx)
+
+    def _log_contributions(self, fl_ctx) -> None:
+        """One line per round naming the sites averaged in and the sites left out (failed, died, sent
+        nothing). Fault test fix: NVFlare's own warning names a dead site but says "at round None"."""
+        from nvflare.app_common.aggregators.weighted_aggregation_helper import AggregationStatsKey
+        from nvflare.app_common.app_constant import AppConstants
+
+        stats = fl_ctx.get_prop(AppConstants.AGGREGATION_STATS) or {}
+        averaged = sorted(stats.get(AggregationStatsKey.CONTRIBUTORS) or [])
+        engine = fl_ctx.get_engine()
+        sites = sorted(client.name for client in engine.get_clients()) if engine else averaged
+        left_out = [site for site in sites if site not in averaged]
+        line = f"round {fl_ctx.get_prop(AppConstants.CURRENT_ROUND)}: averaged {len(averaged)} of {len(sites)} sites {averaged}"
+        if left_out:
+            self.log_warning(fl_ctx, f"{line}; left out (failed, died or sent no model): {left_out}; see "
+                                     "<workspace>/<job>/<site>/log.txt and <site>/**/qwen3vl_client.log")  # fmt: skip
+        else:
+            self.log_info(fl_ctx, line)
 
     def _check_enough_sites(self, result, fl_ctx) -> None:
         aggregated = int((result.meta or {}).get("nr_aggregated", 0)) if result is not None else 0
@@ -100,7 +120,7 @@ class GlobalModelPersistor(_persistor_base()):
         if self._refused:
             self.system_panic(
                 f"only {aggregated} site(s) returned a model this round, fewer than --min_clients {self.min_sites}; "
-                f"the job stops and keeps the last global model in {self.log_dir}",
+                f"the job stops and keeps the last global model in {self.log_dir}; {RESUME_HINT}",
                 fl_ctx,
             )
 
@@ -115,7 +135,7 @@ class GlobalModelPersistor(_persistor_base()):
         if not weights:
             self.system_panic(
                 f"round {current_round}: every site failed, the aggregate is empty; the job stops and keeps the "
-                f"last global model in {self.log_dir}",
+                f"last global model in {self.log_dir}; {RESUME_HINT}",
                 fl_ctx,
             )
             return
