@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     (cfg,) = parse((InferenceConfig,), argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        inference.ensure_output_dir(cfg.output_dir)
         checkpoints = inference.requested_checkpoints(cfg)
         for ckpt in checkpoints:
             print(ckpt.describe())

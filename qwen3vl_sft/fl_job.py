@@ -244,6 +244,7 @@ def build_recipe(
         server_expected_format="pytorch",
         key_metric=KEY_METRIC,
         model_persistor=persistor,
+        server_memory_gc_rounds=1,  # gc + malloc_trim each round: held memory back to ~1x the model
     )
     data_dir = Path(job.data_dir) if job.export_dir else Path(job.data_dir).resolve()
     threads = cpu_threads_per_site(job)

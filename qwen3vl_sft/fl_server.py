@@ -83,6 +83,14 @@ class GlobalModelPersistor(_persistor_base()):
         self.best_value: float | None = None
         self._round_metrics: dict | None = None
 
+    def load_model(self, fl_ctx):
+        """The initial global model; then drop the GlobalModel's own copy of it (bench_server_memory:
+        it was a whole extra model held for the job, 4x instead of 3x the exchanged bytes at the peak)."""
+        learnable = super().load_model(fl_ctx)
+        if isinstance(self.model, GlobalModel):
+            self.model.load_state_dict({})
+        return learnable
+
     def handle_event(self, event: str, fl_ctx) -> None:
         from nvflare.app_common.app_constant import AppConstants
         from nvflare.app_common.app_event_type import AppEventType

@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import re
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,18 @@ def report_rows(results: list[Evaluation]) -> list[dict]:
             {"label": r.checkpoint.label, "path": r.checkpoint.path, "kind": r.checkpoint.kind, **metrics}
         )
     return rows
+
+
+def ensure_output_dir(path: str | os.PathLike) -> None:
+    """Fail before minutes of evaluation, not after, when the report folder cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise DataError(
+            f"--output_dir {path}: not writable ({err.strerror or err}); pass a writable folder"
+        ) from err
 
 
 def write_report(output_dir, dataset: RecordDataset, results: list[Evaluation], cfg: InferenceConfig) -> dict:

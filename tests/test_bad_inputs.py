@@ -37,7 +37,7 @@ checkpoint with no matching keys                 test_run_inference.py::test_pt_
                                                  test_train.py::test_received_weights_load_strictly_by_name
 output dir not writable                          test_prepare_data.py::test_output_dir_not_writable (+ without
                                                  write permission); run_inference:
-                                                 test_run_inference_output_dir_not_writable (xfail: a bug)
+                                                 test_run_inference_output_dir_not_writable
 disk full while writing a shard                  test_prepare_data.py::test_disk_full_leaves_the_previous...;
 disk full while saving the global model          test_faults.py::test_disk_full_while_saving_keeps_the_last...
 ===============================================  ==========================================================
@@ -271,11 +271,6 @@ def test_client_without_its_data_file_names_prepare_data(tiny_model_dir, tmp_pat
 # --------------------------------------------------------------------------- run_inference.py
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (qwen3vl_sft/inference.py, not fixed here): an unwritable --output_dir is found only after "
-    "every checkpoint was evaluated, and ends in a NotADirectoryError traceback instead of exit 2",
-)
 def test_run_inference_output_dir_not_writable(tiny_model_dir, synth_dir, synth_split, tmp_path, capsys):
     import run_inference
 

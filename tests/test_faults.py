@@ -37,10 +37,8 @@ import dataclasses
 import errno
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +48,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fault_hooks import DataOutage, RoundRecorder, round_weights, save_round, standalone_persistor
+from ports import free_port_base
 from safetensors.torch import load_file
 
 from qwen3vl_sft import fl_job
@@ -63,20 +62,6 @@ SAMPLES_PER_ROUND = 8  # 2 steps x 4: a power of two, so FedAvg's bf16 sum is or
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port_base(count: int) -> int:
-    """A torchrun --master_port base with ``count`` free ports (other runs here use 29500+)."""
-    for _ in range(100):
-        base = random.randrange(30000, 60000)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
 
 
 def configs(

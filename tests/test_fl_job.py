@@ -44,7 +44,10 @@ def break_site(shards: Path, site: str, into: Path) -> Path:
 
 
 def configs(tmp_path, model_dir, data_dir, **job_kw):
-    job = JobConfig(data_dir=str(data_dir), workspace=str(tmp_path / "ws"), num_rounds=2, **job_kw)
+    from ports import free_port_base
+
+    job = JobConfig(data_dir=str(data_dir), workspace=str(tmp_path / "ws"), num_rounds=2,
+                    master_port_base=free_port_base(4), **job_kw)  # fmt: skip
     model = ModelConfig(model_name_or_path=str(model_dir))
     data = DataConfig(dataloader_num_workers=0)
     train = TrainConfig(
