@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from qwen3vl_sft import synthetic, tiny
+
+# One compute thread for in-process tests: the tiny model gains little from two, and OpenMP threads
+# spinning against other processes on a 2-core machine made timings swing several-fold (measured).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -115,14 +115,15 @@ def test_too_many_bad_images_abort_the_round(tiny_model_dir, tmp_path, write_rec
 def test_cli_trains_the_tiny_model_from_chance_to_90_percent(tiny_model_dir, tmp_path, capsys):
     from qwen3vl_sft import synthetic
 
-    data = synthetic.generate(tmp_path / "train", synthetic.SyntheticSpec(num_records=1200, seed=11))
+    data = synthetic.generate(tmp_path / "train", synthetic.SyntheticSpec(num_records=800, seed=11))
     test = synthetic.generate(
         tmp_path / "test", synthetic.SyntheticSpec(num_records=80, seed=12, multi_turn_fraction=0)
     )
     train_mod.main([
         "--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--eval_data_path", str(test),
         "--max_steps", "350", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
-        "--dataloader_num_workers", "0", "--disable_progress_bar", "true", "--logging_steps", "1000",
+        "--dataloader_num_workers", "0", "--cache_samples", "true", "--disable_progress_bar", "true",
+        "--logging_steps", "1000",
         "--output_dir", str(tmp_path / "out"),
     ])  # fmt: skip
     out = capsys.readouterr().out
