@@ -64,7 +64,7 @@ class ExperimentConfig:
     """What is compared, on which data; the optimisation settings are TrainConfig's flags."""
 
     work_dir: str = _f("outputs/federated_benefit", "Where data, models, logs and results.json go.")
-    num_sites: int = _f(6, "Sites of the split (6 with --split body_part: one body part per site).")
+    num_sites: int = _f(3, "Sites of the split (with --split body_part: two body parts per site).")
     num_rounds: int = _f(12, "FedAvg rounds; local-only trains num_rounds x --max_steps steps.")
     split: Literal["body_part", "modality", "dirichlet"] = _f("body_part", "prepare_data's --split.")
     alpha: float = _f(PrepareDataConfig.alpha, "Dirichlet concentration for --split dirichlet.")
