@@ -7,7 +7,7 @@ NVFlare starts it on each site (see job.py) as
         --eval_data_path /data/site-1/val.json
 
 The flags are the engine's config dataclasses (qwen3vl_sft.config); the loop itself is
-qwen3vl_sft.fl_client.run_site: receive -> validate -> load -> train -> send. With
+qwen3vl_sft.fl_client.run_site: receive -> load -> validate -> train -> send. With
 --backend official a QwenLM/Qwen3-VL clone's train() does the training (docs/official_backend.md).
 """
 

@@ -4,8 +4,8 @@ Launched by NVFlare (through client.py) on each site as ``torchrun --nproc_per_n
 client.py <flags>``; rank 0 talks to NVFlare and broadcasts to the other ranks.  Per round:
 
 1. receive the global model (rank 0) and broadcast it;
-2. validate it on the site's ``val.json`` (rank 0) -> ``val_loss`` / ``val_accuracy``;
-3. load it into the local model, strictly by name (frozen tensors stay local);
+2. load it into the local model, strictly by name (frozen tensors stay local);
+3. validate it on the site's ``val.json`` (rank 0) -> ``val_loss`` / ``val_accuracy``;
 4. train one round in-process;
 5. send the trainable tensors (bf16) with metrics; ``NUM_STEPS_CURRENT_ROUND`` = samples trained, so
    FedAvg weights each site by the work it did.
@@ -108,8 +108,8 @@ class SiteRunner:
             return self._official_round(received, current_round, total_rounds)
         if self.engine is None or not self.config.train.keep_model_between_rounds:
             self.engine = SFTEngine(self.config)
+        self.engine.apply(received)  # before validating: val_* must score the received global model
         val = validate(self.engine, self.config.data) if self.rank == 0 else {}
-        self.engine.apply(received)
         result = self.engine.train_round(round_index=current_round, num_rounds=total_rounds)
         result.metrics.update(val)
         return result
