@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nRunning inference on {len(dataset.records)} sample(s)\n")
     for i, record in enumerate(dataset.records[:shown]):
         answers = {r.checkpoint.label: r.answers[i] for r in results}
-        print(inference.format_sample(i + 1, record, dataset.builder.image_root, answers))
+        print(inference.format_sample(i + 1, record, dataset.builder.image_paths(record), answers))
 
     # 2. metrics over all samples, then the report files
     print(inference.format_table(results))

@@ -122,21 +122,6 @@ class SampleList:
         return {"index": index, **self.samples[index]}
 
 
-class CachedCollator:
-    """Collates each index combination once; afterwards hands out the stored batch (a shallow copy,
-    because RoundTrainer pops the skip counters from the dict it is given)."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.batches: dict[tuple[int, ...], dict] = {}
-
-    def __call__(self, samples: list[dict]) -> dict:
-        key = tuple(s["index"] for s in samples)
-        if key not in self.batches:
-            self.batches[key] = self.collator([{k: v for k, v in s.items() if k != "index"} for s in samples])
-        return dict(self.batches[key])
-
-
 class PlainCollator:
     """The real Collator on precomputed samples (drops the index the SampleList adds)."""
 
@@ -145,6 +130,21 @@ class PlainCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         return self.collator([{k: v for k, v in s.items() if k != "index"} for s in samples])
+
+
+class CachedCollator:
+    """Collates each index combination once; afterwards hands out the stored batch (a shallow copy,
+    because RoundTrainer pops the skip counters from the dict it is given)."""
+
+    def __init__(self, collator):
+        self.plain = PlainCollator(collator)
+        self.batches: dict[tuple[int, ...], dict] = {}
+
+    def __call__(self, samples: list[dict]) -> dict:
+        key = tuple(s["index"] for s in samples)
+        if key not in self.batches:
+            self.batches[key] = self.plain(samples)
+        return dict(self.batches[key])
 
 
 def build_inputs(args, work: Path) -> tuple[Path, Path]:
@@ -176,7 +176,6 @@ class Bench:
         from qwen3vl_sft.data import Collator
         from qwen3vl_sft.train import SFTEngine
 
-        self.args, self.work = args, work
         self.default_workers = DataConfig().dataloader_num_workers
         self.engine = SFTEngine(sft_config(args, model_dir, data_file, work, self.default_workers))
         self.initial = {k: v.detach().clone() for k, v in self.engine.model.state_dict().items()}

@@ -73,10 +73,10 @@ def main(argv=None) -> int:
             Checkpoint("bench", model_dir, "hf"), InferenceConfig(), torch.device("cpu")
         )
         dataset = build_dataset(processor, DataConfig(), data_file)
-        records, root = dataset.records[: args.num_samples], dataset.builder.image_root
+        records = dataset.records[: args.num_samples]
 
         def run(batch_size: int) -> list[str]:
-            return generate_answers(model, processor, records, root, args.max_new_tokens, batch_size)
+            return generate_answers(model, dataset.builder, records, args.max_new_tokens, batch_size)
 
         run(args.batch_size)  # warm-up: first calls pay for lazy initialisation
         best = {1: float("inf"), args.batch_size: float("inf")}

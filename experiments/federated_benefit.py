@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -40,7 +39,7 @@ from typing import Any, Literal
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package lives at the repo root
 
-from qwen3vl_sft.config import JobConfig, PrepareDataConfig, TrainConfig, parse  # noqa: E402
+from qwen3vl_sft.config import JobConfig, PrepareDataConfig, TrainConfig, parse, with_defaults  # noqa: E402
 from qwen3vl_sft.demo import DEMO_DATA, DEMO_TRAIN  # noqa: E402
 from qwen3vl_sft.fileio import atomic_write_json  # noqa: E402
 from qwen3vl_sft.synthetic import QUADRANTS  # noqa: E402
@@ -187,8 +186,9 @@ def split_data(exp: ExperimentConfig, data_file: Path, data_dir: Path) -> tuple[
 def first_answers(path: Path) -> list[str]:
     """The answer accuracy is scored on (run_inference scores each record's first answer)."""
     from qwen3vl_sft.evaluate import first_answer
+    from qwen3vl_sft.records import load_records
 
-    return [first_answer(r) for r in json.loads(path.read_text(encoding="utf-8"))]
+    return [first_answer(r) for r in load_records(path)]
 
 
 def answer_coverage(data_dir: Path, num_sites: int) -> dict[str, set[str]]:
@@ -235,9 +235,11 @@ def seen_answer_ceilings(data_dir: Path, coverage: dict[str, set[str]]) -> dict[
 
 def write_union(data_dir: Path, num_sites: int) -> Path:
     """All sites' train records in one file (under data_dir, so image paths resolve as for the shards)."""
+    from qwen3vl_sft.records import load_records
+
     records = []
     for i in range(1, num_sites + 1):
-        records += json.loads((data_dir / f"site-{i}" / "train.json").read_text(encoding="utf-8"))
+        records += load_records(data_dir / f"site-{i}" / "train.json")
     path = data_dir / "centralised" / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, records, indent=None)
@@ -479,9 +481,8 @@ def progress(message: str) -> None:
 def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, TrainConfig]:
     """ExperimentConfig + TrainConfig flags; TrainConfig fields left at their default take the experiment's."""
     exp, train = parse((ExperimentConfig, TrainConfig), argv, description=__doc__)
-    defaults = TrainConfig()
-    changes = {k: v for k, v in EXPERIMENT_TRAIN.items() if getattr(train, k) == getattr(defaults, k)}
-    return exp, dataclasses.replace(train, **changes, save_model=False, report_to="none")
+    train = with_defaults(train, EXPERIMENT_TRAIN)
+    return exp, dataclasses.replace(train, save_model=False, report_to="none")
 
 
 def run(exp: ExperimentConfig, train: TrainConfig) -> dict:

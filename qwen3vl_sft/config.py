@@ -24,6 +24,9 @@ from typing import Any, Literal
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 DEFAULT_DATA_FILE = "PubMedVision/PubMedVision_InstructionTuning_VQA.json"
 HF_DATASET_ID = "FreedomIntelligence/PubMedVision"
+# Training and inference accept the same weight dtypes, resolved the same way (modeling.resolve_dtype).
+DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
+DTYPE_HELP = "Weight dtype: auto = bfloat16 on CUDA, float32 on CPU."
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -91,9 +94,7 @@ class ModelConfig:
     lora_alpha: int = _f(128, "LoRA alpha.")
     lora_dropout: float = _f(0.05, "LoRA dropout.")
     lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj", "Comma-separated module names LoRA wraps.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
-        "auto", "Weight dtype: auto = bfloat16 on CUDA, float32 on CPU."
-    )
+    dtype: DTypeName = _f("auto", DTYPE_HELP)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _f(
         "auto", "auto = flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."
     )
@@ -197,7 +198,11 @@ class BackendConfig:
     qwen3vl_python: str = _f("", "Python of the environment built for the clone (or env QWEN3VL_PYTHON).")
     work_dir: str = _f("", "Parent of qwen3vl_checkpoints/ for the official backend (default: current dir).")
     official_nproc_per_node: int = _f(1, "Processes (GPUs) the official backend's child torchrun starts.")
-    official_master_port: int = _f(0, "The child torchrun's --master_port (0: a free port).")
+    official_master_port: int = _f(
+        0,
+        "The child torchrun's --master_port (0: a free port; job.py gives site N this + N - 1, "
+        "from --master_port_base + 100 when 0).",
+    )
     official_mode: Literal["auto", "in_process", "subprocess"] = _f(
         "auto", "auto = in-process when this python can run the clone, else a child process per round."
     )
@@ -207,6 +212,14 @@ def replace(cfg: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` that ignores keys the dataclass does not have."""
     names = {f.name for f in dataclasses.fields(cfg)}
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if k in names})
+
+
+def with_defaults(cfg: Any, values: dict[str, Any]) -> Any:
+    """``cfg`` with ``values`` in the fields still at their dataclass default: a script's own defaults
+    (the demo's, an experiment's) that explicit flags still override."""
+    defaults = type(cfg)()
+    changes = {k: v for k, v in values.items() if getattr(cfg, k) == getattr(defaults, k)}
+    return dataclasses.replace(cfg, **changes)
 
 
 def to_flags(*configs: Any) -> list[str]:
@@ -269,9 +282,7 @@ class InferenceConfig:
     max_new_tokens: int = _f(256, "Maximum tokens per generated answer.")
     batch_size: int = _f(8, "Samples per generation / loss batch (left-padded for generation).")
     device: str = _f("auto", "auto = cuda when available, else cpu; or any torch device string.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
-        "auto", "Weight dtype: auto = bfloat16 on CUDA, float32 on CPU."
-    )
+    dtype: DTypeName = _f("auto", DTYPE_HELP)
     do_sample: bool = _f(False, "Sample instead of greedy decoding (greedy is deterministic).")
     temperature: float = _f(0.7, "Sampling temperature (with --do_sample).")
     top_p: float = _f(0.9, "Nucleus sampling threshold (with --do_sample).")

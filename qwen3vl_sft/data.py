@@ -29,7 +29,6 @@ from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -54,7 +53,7 @@ def to_messages(record: dict, system_prompt: str = "") -> list[dict]:
     for turn in record["conversations"]:
         role = ROLES.get(turn["from"], turn["from"])
         content = []
-        for i, piece in enumerate(turn["value"].split(PLACEHOLDER)):
+        for i, piece in enumerate(turn["value"].split(rec.PLACEHOLDER)):
             if i:
                 content.append({"type": "image"})
             text = piece.strip("\n") if role == "user" else piece.strip()
@@ -155,13 +154,18 @@ class SampleBuilder:
         self.image_root = Path(image_root)
         self.ids = TokenIds.from_processor(processor)
 
+    def image_paths(self, record: dict) -> list[str]:
+        """Absolute paths of the record's images (DataError for a path that leaves the image root)."""
+        return [rec.resolve_image_path(self.image_root, path, record.get("id")) for path in record["image"]]
+
     def load_images(self, record: dict) -> list:
-        return [
-            open_image(
-                rec.resolve_image_path(self.image_root, path, record.get("id")), self.config.max_image_side
-            )
-            for path in record["image"]
-        ]
+        return [open_image(path, self.config.max_image_side) for path in self.image_paths(record)]
+
+    def prompt(self, record: dict) -> tuple[list[dict], list]:
+        """Messages up to the record's first question (as training renders them) and their images."""
+        messages = to_messages(record, self.config.system_prompt)
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        return messages[: first_user + 1], self.load_images(record)
 
     def __call__(self, record: dict) -> dict[str, torch.Tensor]:
         messages = to_messages(record, self.config.system_prompt)

@@ -12,12 +12,11 @@ Flags the user sets explicitly win; only values still at their defaults are repl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from . import synthetic, tiny
-from .config import DataConfig, JobConfig, ModelConfig, PrepareDataConfig, TrainConfig
+from .config import DataConfig, JobConfig, ModelConfig, PrepareDataConfig, TrainConfig, with_defaults
 
 DEMO_DIR = Path("demo")
 # Measured on 2 CPU cores: 3 sites x 5 rounds x 100 steps reach 96 % held-out accuracy in under 3 minutes.
@@ -33,13 +32,6 @@ DEMO_DATA = {"dataloader_num_workers": 0, "cache_samples": True}
 DEMO_RECORDS = 1500
 
 
-def _with_demo_defaults(cfg, demo_values: dict):
-    """Replace the fields still at their dataclass default by the demo's values."""
-    defaults = type(cfg)()
-    changes = {k: v for k, v in demo_values.items() if getattr(cfg, k) == getattr(defaults, k)}
-    return dataclasses.replace(cfg, **changes)
-
-
 def prepare_demo(job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig):
     """Build the tiny model and data if missing, shard the data, return the demo's configs."""
     from .prepare import run as prepare_shards
@@ -48,20 +40,12 @@ def prepare_demo(job: JobConfig, model: ModelConfig, data: DataConfig, train: Tr
     data_file = synthetic.ensure(
         DEMO_DIR / "PubMedVision_synth", synthetic.SyntheticSpec(num_records=DEMO_RECORDS)
     )
-    job = _with_demo_defaults(job, {**DEMO_JOB, "data_dir": str(DEMO_DIR / "data")})
+    job = with_defaults(job, {**DEMO_JOB, "data_dir": str(DEMO_DIR / "data")})
     prepare_shards(
         PrepareDataConfig(data_file=str(data_file), output_dir=job.data_dir, num_clients=job.n_clients),
     )
-    model = _with_demo_defaults(model, {"model_name_or_path": str(model_dir)})
-    return job, model, _with_demo_defaults(data, DEMO_DATA), _with_demo_defaults(train, DEMO_TRAIN)
-
-
-def evaluate_checkpoint(model_dir: str, data: DataConfig, test_file: Path) -> dict:
-    from .evaluate import evaluate_file
-    from .modeling import load_model, load_processor
-
-    model = load_model(ModelConfig(model_name_or_path=model_dir))
-    return evaluate_file(model, load_processor(model_dir, data), data, test_file)
+    model = with_defaults(model, {"model_name_or_path": str(model_dir)})
+    return job, model, with_defaults(data, DEMO_DATA), with_defaults(train, DEMO_TRAIN)
 
 
 def plot_rounds(rows: list[dict], path: Path) -> None:
@@ -94,9 +78,11 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
 
 def report_demo(job: JobConfig, model: ModelConfig, data: DataConfig, summary) -> dict:
     """Before/after table on the held-out test set, plus the report files."""
+    from .evaluate import evaluate_model_dir
+
     test_file = Path(job.data_dir) / "test.json"
-    before = evaluate_checkpoint(model.model_name_or_path, data, test_file)
-    after = evaluate_checkpoint(summary.global_model_dir, data, test_file)
+    before = evaluate_model_dir(model.model_name_or_path, data, test_file)
+    after = evaluate_model_dir(summary.global_model_dir, data, test_file)
     out = DEMO_DIR / "report"
     out.mkdir(parents=True, exist_ok=True)
     plot_rounds(summary.rows, out / "fl_metrics.png")

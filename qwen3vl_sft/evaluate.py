@@ -23,9 +23,8 @@ import time
 import torch
 
 from .config import DataConfig
-from .data import IGNORE_INDEX, Collator, build_dataset, open_image, to_messages
+from .data import IGNORE_INDEX, Collator, SampleBuilder, build_dataset
 from .metrics import SHORT_ANSWER_WORDS, exact_match, is_short, normalize, score_answers  # noqa: F401
-from .records import resolve_image_path
 
 # SHORT_ANSWER_WORDS and normalize stay importable from here: they lived here before metrics.py.
 
@@ -69,14 +68,6 @@ def answer_loss(model, processor, dataset, batch_size: int = 8) -> float:
     return total_loss / total_tokens if total_tokens else math.nan
 
 
-def prompt_inputs(record: dict, image_root) -> tuple[list[dict], list]:
-    """Messages up to the first question (with generation prompt) and its images."""
-    messages = to_messages(record)
-    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    images = [open_image(resolve_image_path(image_root, p), 16384) for p in record["image"]]
-    return messages[: first_user + 1], images
-
-
 def _prompt_length(record: dict) -> tuple[int, int]:
     """Sort key that groups prompts of similar padded length (images first: each adds many tokens)."""
     return len(record["image"]), len(first_question(record))
@@ -85,9 +76,8 @@ def _prompt_length(record: dict) -> tuple[int, int]:
 @torch.no_grad()
 def generate_answers(
     model,
-    processor,
+    builder: SampleBuilder,
     records,
-    image_root,
     max_new_tokens=16,
     batch_size=8,
     *,
@@ -96,12 +86,13 @@ def generate_answers(
 ) -> list[str]:
     """Answers to each record's first question (greedy unless ``generation`` says otherwise).
 
-    Prompts are generated in left-padded batches of similar length (fewer pad tokens), and the
-    answers are returned in the order of ``records``. ``progress`` labels a progress bar.
+    Prompts are built by ``builder`` (the training data path: same system prompt, image root and
+    limits) and generated in left-padded batches of similar length (fewer pad tokens); the answers
+    are returned in the order of ``records``. ``progress`` labels a progress bar.
     """
     from tqdm.auto import tqdm
 
-    tokenizer = processor.tokenizer
+    tokenizer = builder.processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
     order = sorted(range(len(records)), key=lambda i: _prompt_length(records[i]))
@@ -110,7 +101,7 @@ def generate_answers(
     try:
         with tqdm(total=len(records), desc=progress, disable=progress is None, unit="sample") as bar:
             for chunk in _batches(order, batch_size):
-                enc = _encode_prompts(processor, [records[i] for i in chunk], image_root).to(device)
+                enc = _encode_prompts(builder, [records[i] for i in chunk]).to(device)
                 if "pixel_values" in enc:
                     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, **options)
@@ -122,8 +113,9 @@ def generate_answers(
     return [answers[i] for i in range(len(records))]
 
 
-def _encode_prompts(processor, records: list[dict], image_root):
-    prompts, images = zip(*(prompt_inputs(r, image_root) for r in records), strict=True)
+def _encode_prompts(builder: SampleBuilder, records: list[dict]):
+    processor = builder.processor
+    prompts, images = zip(*(builder.prompt(r) for r in records), strict=True)
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
     flat = [img for group in images for img in group]
     return processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
@@ -144,9 +136,8 @@ def evaluate_answers(
         start = time.perf_counter()
         answers = generate_answers(
             model,
-            processor,
+            dataset.builder,
             dataset.records,
-            dataset.builder.image_root,
             max_new_tokens,
             batch_size,
             progress=progress,
@@ -173,7 +164,7 @@ def evaluate_file(
     try:
         loss = answer_loss(model, processor, dataset, batch_size)
         short = [r for r in dataset.records if is_short_answer(r)]
-        answers = generate_answers(model, processor, short, dataset.builder.image_root, batch_size=batch_size)
+        answers = generate_answers(model, dataset.builder, short, batch_size=batch_size)
     finally:
         model.train(was_training)
     correct = sum(exact_match(a, first_answer(r)) for a, r in zip(answers, short, strict=True))
@@ -185,18 +176,23 @@ def evaluate_file(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def evaluate_model_dir(model_dir: str, data: DataConfig, path, max_samples: int | None = None) -> dict:
+    """:func:`evaluate_file` of the checkpoint at ``model_dir`` (loaded as training loads it)."""
     from .config import ModelConfig
     from .modeling import load_model, load_processor
 
+    model = load_model(ModelConfig(model_name_or_path=model_dir))
+    return evaluate_file(model, load_processor(model_dir, data), data, path, max_samples)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Held-out loss and accuracy of a Qwen3-VL checkpoint.")
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--max_samples", type=int, default=None)
     args = parser.parse_args(argv)
     data = DataConfig(data_path=args.data)
-    model = load_model(ModelConfig(model_name_or_path=args.model))
-    print(evaluate_file(model, load_processor(args.model, data), data, args.data, args.max_samples))
+    print(evaluate_model_dir(args.model, data, args.data, args.max_samples))
 
 
 if __name__ == "__main__":

@@ -87,9 +87,11 @@ def launch_command(job: JobConfig, index: int, backend: BackendConfig) -> str:
 
 
 def site_backend(job: JobConfig, backend: BackendConfig, index: int) -> BackendConfig:
+    """The backend flags of site ``index`` (0-based): the official backend's child torchrun gets a
+    port of its own per site, counted from --official_master_port or --master_port_base + 100."""
     if backend.backend != "official":
         return backend
-    port = backend.official_master_port or job.master_port_base + 100 + index
+    port = (backend.official_master_port or job.master_port_base + 100) + index
     return dataclasses.replace(
         backend, official_nproc_per_node=job.nproc_per_client, official_master_port=port
     )
@@ -233,6 +235,7 @@ def build_recipe(
         min_sites=job.min_clients or job.n_clients,
         model={"path": "model.Qwen3VLGlobalModel", "args": model_args},
         source_ckpt_file_full_name=checkpoint,
+        key_metric=KEY_METRIC,  # the best model by the same metric NVFlare's model selector tracks
     )
     recipe = _recipe_class()(
         start_round=start_round,

@@ -33,10 +33,18 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_MODEL, DataConfig, InferenceConfig, ModelConfig
-from .data import PLACEHOLDER, RecordDataset, build_dataset
+from .data import RecordDataset, SampleBuilder, build_dataset
 from .evaluate import evaluate_answers, first_answer, first_question
-from .modeling import ModelError, load_processor, model_class, resolve_attention, set_trainable
-from .records import DataError, resolve_image_path
+from .modeling import (
+    ModelError,
+    from_pretrained,
+    load_processor,
+    model_class,
+    resolve_attention,
+    resolve_dtype,
+    set_trainable,
+)
+from .records import PLACEHOLDER, DataError
 from .weights import WeightsError, is_lora_state, load_exchanged, load_state_subset, lora_layout
 
 logger = logging.getLogger(__name__)
@@ -180,18 +188,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def _pretrained(path: str, cfg: InferenceConfig, dtype: torch.dtype, device: torch.device):
-    cls = model_class(path, cfg.trust_remote_code)
-    attention = resolve_attention(ModelConfig()) if device.type == "cuda" else "sdpa"
-    return cls.from_pretrained(
-        path, dtype=dtype, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code
-    )
+    attention = resolve_attention("auto", cuda=device.type == "cuda")
+    return from_pretrained(path, dtype, attention, cfg.trust_remote_code)
 
 
 def _with_lora_pt(model, ckpt: Checkpoint, cfg: InferenceConfig):
@@ -225,8 +224,8 @@ def _first_line(err: BaseException) -> str:
 
 def load_checkpoint(ckpt: Checkpoint, cfg: InferenceConfig, device: torch.device):
     """(model in eval mode on ``device``, processor) for a detected checkpoint."""
-    dtype = resolve_dtype(cfg.dtype, device)
-    data = DataConfig(data_path=cfg.data_file, image_root=cfg.image_root)
+    dtype = resolve_dtype(cfg.dtype, cuda=device.type == "cuda")
+    data = data_config(cfg)
     try:
         if ckpt.kind == "hf":
             model = _pretrained(ckpt.path, cfg, dtype, device)
@@ -260,12 +259,17 @@ def _processor_source(ckpt: Checkpoint, cfg: InferenceConfig) -> str:
 # --------------------------------------------------------------------------- evaluating
 
 
+def data_config(cfg: InferenceConfig) -> DataConfig:
+    """The data settings evaluation shares with training (processor pixel limits, image root)."""
+    return DataConfig(data_path=cfg.data_file, image_root=cfg.image_root)
+
+
 def usable_records(dataset: RecordDataset, max_samples: int) -> list[dict]:
     """The first ``max_samples`` records whose images all exist (the same for every checkpoint)."""
     kept, missing = [], 0
     for record in dataset.records:
         try:
-            paths = image_paths(record, dataset.builder.image_root)
+            paths = dataset.builder.image_paths(record)
         except DataError:
             paths = None
         if paths is None or not all(os.path.isfile(p) for p in paths):
@@ -283,23 +287,21 @@ def usable_records(dataset: RecordDataset, max_samples: int) -> list[dict]:
     return kept
 
 
-def image_paths(record: dict, image_root) -> list[str]:
-    return [resolve_image_path(str(image_root), p, record.get("id")) for p in record["image"]]
-
-
 def evaluate_checkpoints(checkpoints: list[Checkpoint], cfg: InferenceConfig) -> tuple[RecordDataset, list]:
     """Each checkpoint's metrics and answers on the same records; one model in memory at a time."""
     device = resolve_device(cfg.device)
     generation = {"do_sample": cfg.do_sample}
     if cfg.do_sample:
         generation |= {"temperature": cfg.temperature, "top_p": cfg.top_p}
-    records, results, dataset = None, [], None
+    data, results, dataset = data_config(cfg), [], None
     for ckpt in checkpoints:
         logger.info("Loading %s: %s (%s)", ckpt.label, ckpt.path, ckpt.kind)
         model, processor = load_checkpoint(ckpt, cfg, device)
-        dataset = build_dataset(processor, DataConfig(image_root=cfg.image_root), cfg.data_file)
-        records = records or usable_records(dataset, cfg.max_samples)
-        dataset.records = records
+        if dataset is None:  # read and check the data file once; every checkpoint answers these records
+            dataset = build_dataset(processor, data, cfg.data_file)
+            dataset.records = usable_records(dataset, cfg.max_samples)
+        else:  # the same records, prompts built with this checkpoint's processor
+            dataset.builder = SampleBuilder(processor, data, dataset.builder.image_root)
         torch.manual_seed(cfg.seed)  # the same sampling stream for every checkpoint
         metrics, answers = evaluate_answers(
             model,
@@ -330,12 +332,12 @@ def question_text(record: dict) -> str:
     return re.sub(r"\s+", " ", first_question(record).replace(PLACEHOLDER, " ")).strip()
 
 
-def format_sample(index: int, record: dict, image_root, answers: dict[str, str]) -> str:
+def format_sample(index: int, record: dict, image_paths: list[str], answers: dict[str, str]) -> str:
     """One sample in the seed's layout, with one labelled ``Model`` line per checkpoint."""
     width = max(len(label) for label in answers)
     lines = [
         f"--- Sample {index} ---",
-        f"Image: {', '.join(image_paths(record, image_root))}",
+        f"Image: {', '.join(image_paths)}",
         f"Q: {shorten(question_text(record))}",
         f"Ground truth: {shorten(first_answer(record))}",
     ]

@@ -23,29 +23,55 @@ logger = logging.getLogger(__name__)
 MERGER_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
 VISION_PREFIX = "model.visual."
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
+QWEN3VL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 
 
 class ModelError(ValueError):
     """The checkpoint is not one this example can fine-tune (message says why and what to do)."""
 
 
-def resolve_dtype(config: ModelConfig) -> torch.dtype:
-    if config.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, config.dtype)
+def resolve_dtype(name: str, cuda: bool) -> torch.dtype:
+    """A ``--dtype`` value as a torch dtype: auto = bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, name)
 
 
-def resolve_attention(config: ModelConfig) -> str:
-    if config.attn_implementation != "auto":
-        return config.attn_implementation
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def resolve_attention(name: str, cuda: bool, flash_attn: bool | None = None) -> str:
+    """An ``--attn_implementation`` value: auto = flash_attention_2 on CUDA with flash-attn installed
+    (``flash_attn`` None: importable here), else sdpa."""
+    if name != "auto":
+        return name
+    if flash_attn is None:
+        flash_attn = importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if cuda and flash_attn else "sdpa"
+
+
+def from_pretrained(path: str, dtype: torch.dtype, attention: str, trust_remote_code: bool = False):
+    """The checkpoint at ``path`` in its Qwen3-VL class (refused with ModelError if it is not one)."""
+    cls = model_class(path, trust_remote_code)
+    logger.info("Loading %s (%s, %s, attention=%s)", path, cls.__name__, dtype, attention)
+    return cls.from_pretrained(
+        path, dtype=dtype, attn_implementation=attention, trust_remote_code=trust_remote_code
+    )
 
 
 def model_class(model_name_or_path: str, trust_remote_code: bool = False):
     """Qwen3-VL or Qwen3-VL-MoE class for a checkpoint, chosen from its config (not its path)."""
-    from transformers import AutoConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    return class_for(checkpoint_config(model_name_or_path, trust_remote_code))
+
+
+def class_for(config):
+    """The transformers class of a config :func:`checkpoint_config` accepted."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    moe = config.model_type == "qwen3_vl_moe"
+    return Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+
+
+def checkpoint_config(model_name_or_path: str, trust_remote_code: bool = False):
+    """The checkpoint's config; ModelError (naming the flag) unless it reads and is Qwen3-VL."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -54,16 +80,12 @@ def model_class(model_name_or_path: str, trust_remote_code: bool = False):
             f"--model_name_or_path {model_name_or_path}: cannot read a model config ({err}). "
             "Pass a Qwen3-VL directory or hub id (offline: build one with python -m qwen3vl_sft.tiny)."
         ) from err
-    classes = {
-        "qwen3_vl": Qwen3VLForConditionalGeneration,
-        "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
-    }
-    if config.model_type not in classes:
+    if config.model_type not in QWEN3VL_MODEL_TYPES:
         raise ModelError(
             f"--model_name_or_path {model_name_or_path}: model_type {config.model_type!r} is not Qwen3-VL "
             "(expected qwen3_vl or qwen3_vl_moe)."
         )
-    return classes[config.model_type]
+    return config
 
 
 def load_processor(model_name_or_path: str, data: DataConfig, trust_remote_code: bool = False):
@@ -79,16 +101,12 @@ def load_processor(model_name_or_path: str, data: DataConfig, trust_remote_code:
 
 def load_model(config: ModelConfig):
     """The model in the configured dtype and attention, with ``set_trainable`` applied."""
-    cls = model_class(config.model_name_or_path, config.trust_remote_code)
-    dtype, attention = resolve_dtype(config), resolve_attention(config)
-    logger.info(
-        "Loading %s (%s, %s, attention=%s)", config.model_name_or_path, cls.__name__, dtype, attention
-    )
-    model = cls.from_pretrained(
+    cuda = torch.cuda.is_available()
+    model = from_pretrained(
         config.model_name_or_path,
-        dtype=dtype,
-        attn_implementation=attention,
-        trust_remote_code=config.trust_remote_code,
+        resolve_dtype(config.dtype, cuda),
+        resolve_attention(config.attn_implementation, cuda),
+        config.trust_remote_code,
     )
     model.config.use_cache = False
     return set_trainable(model, config)

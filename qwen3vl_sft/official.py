@@ -46,7 +46,9 @@ import torch
 
 from . import official_launch
 from .config import DataConfig, replace
-from .train import RoundResult, SFTConfig
+from .data import resolve_image_root
+from .modeling import resolve_attention
+from .train import TORCHRUN_VARS, RoundResult, SFTConfig
 from .weights import EXCHANGE_DTYPE, WeightsError, checkpoint_name, exchanged_names, meta_model
 
 logger = logging.getLogger(__name__)
@@ -59,8 +61,7 @@ WORK_SUBDIR, LOG_SUBDIR = "qwen3vl_checkpoints", "qwen3vl_logs"
 MODEL_DIR_NAMES = {"qwen3_vl": "qwen3-vl-dense", "qwen3_vl_moe": "qwen3-vl-moe-base"}
 OUTPUT_DIR_NAME = "output"
 # Set by the torchrun that may have started *this* process; the child's own torchrun must not see them.
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+_LAUNCHER_VARS = (*TORCHRUN_VARS, "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:|$)")
 _NON_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
@@ -177,12 +178,6 @@ def choose_mode(requested: str, env: Environment) -> tuple[str, str]:
     if env.current:
         return "in_process", "the clone's imports all resolve in this interpreter"
     return "subprocess", f"the clone's environment is another interpreter ({env.python})"
-
-
-def resolve_attention(requested: str, env: Environment) -> str:
-    if requested != "auto":
-        return requested
-    return "flash_attention_2" if env.cuda and env.flash_attn else "sdpa"
 
 
 # --------------------------------------------------------------------------- model directory
@@ -505,7 +500,9 @@ class OfficialBackend:
         self.mode, why = choose_mode(mode, self.env)
         self.work_dir = Path(work_dir or os.getcwd()).resolve()
         self.nproc_per_node, self.master_port = nproc_per_node, master_port
-        self.attention = resolve_attention(config.model.attn_implementation, self.env)
+        self.attention = resolve_attention(
+            config.model.attn_implementation, self.env.cuda, self.env.flash_attn
+        )
         logger.info(
             "Official Qwen3-VL backend: %s mode (%s); clone %s; environment %s; attention %s",
             self.mode.replace("_", "-"), why, self.finetune_dir, self.env.describe(), self.attention,
@@ -515,7 +512,7 @@ class OfficialBackend:
         self.annotation_path = Path(config.data.data_path).resolve()
         if not self.annotation_path.is_file():
             raise OfficialBackendError(f"--data_path {config.data.data_path}: no such file")
-        self.image_root = Path(config.data.image_root or self.annotation_path.parent).resolve()
+        self.image_root = resolve_image_root(config.data, self.annotation_path).resolve()
         self.source = local_checkpoint(config.model.model_name_or_path)
         self.model_type = checkpoint_model_type(self.source)
         model_config = replace(config.model, model_name_or_path=str(self.source))

@@ -157,7 +157,7 @@ def training_arguments(config: SFTConfig) -> TrainingArguments:
         logging_steps=t.logging_steps,
         report_to=[] if t.report_to == "none" else t.report_to.split(","),
         save_strategy="no",
-        bf16=cuda and resolve_dtype(config.model) == torch.bfloat16,
+        bf16=cuda and resolve_dtype(config.model.dtype, cuda) == torch.bfloat16,
         use_cpu=not cuda,
         remove_unused_columns=False,
         # Cached samples are ready: workers would only add start-up and transfer costs.

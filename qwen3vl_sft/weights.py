@@ -158,14 +158,12 @@ def message_bytes(state: Mapping[str, torch.Tensor], dtype: torch.dtype = EXCHAN
 def meta_model(model_config):
     """The configured model on the meta device (shapes and names, no memory), with trainability applied."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    from .modeling import model_class, set_trainable
+    from .modeling import checkpoint_config, class_for, set_trainable
 
-    cls = model_class(model_config.model_name_or_path, model_config.trust_remote_code)
-    config = AutoConfig.from_pretrained(model_config.model_name_or_path)
+    config = checkpoint_config(model_config.model_name_or_path, model_config.trust_remote_code)
     with init_empty_weights():
-        model = cls._from_config(config, dtype=torch.bfloat16)
+        model = class_for(config)._from_config(config, dtype=torch.bfloat16)
     model.tie_weights()  # not done on the meta device by default; untied, lm_head would be exchanged twice
     return set_trainable(model, model_config)
 

@@ -52,6 +52,26 @@ HELD_OUT_RECORDS = 40
 
 
 @pytest.fixture(scope="session")
+def shards(synth_file, tmp_path_factory) -> Path:
+    """synth_file split over 3 sites by prepare_data (the FL tests' data; tests copy it to change it)."""
+    from qwen3vl_sft.config import PrepareDataConfig
+    from qwen3vl_sft.prepare import run as prepare_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir):
+    """The tiny model's processor (read-only in tests)."""
+    from qwen3vl_sft.config import DataConfig
+    from qwen3vl_sft.modeling import load_processor
+
+    return load_processor(str(tiny_model_dir), DataConfig())
+
+
+@pytest.fixture(scope="session")
 def synth_split(synth_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(train.json, test.json): synth_dir's records, the last 40 held out; images stay under synth_dir."""
     records = json.loads((synth_dir / synthetic.DATA_FILE_NAME).read_text(encoding="utf-8"))

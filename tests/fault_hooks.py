@@ -1,12 +1,12 @@
 """Tests only: NVFlare server components that inject faults into, and record, a simulated job.
 
-Added to a job by tests/test_faults.py with ``recipe.add_server_file(__file__)``; never part of a
-user's job.
+Added to a job by tests/test_faults.py and tests/test_fl_job.py with ``recipe.add_server_file(__file__)``;
+never part of a user's job.
 
 * :class:`RoundRecorder` (server input filter on ``train`` results): saves what each site sent per
   round (tensors + meta), or the return code of a failed result, so a test can recompute FedAvg and
-  see which sites were left out. Unlike tests/fl_recorder.py it accepts error results (a filter that
-  raises turns a site's EXECUTION_EXCEPTION into TASK_RESULT_FILTER_ERROR in the server log).
+  see which sites were left out. It accepts error results too (a filter that raises on them turns a
+  site's EXECUTION_EXCEPTION into TASK_RESULT_FILTER_ERROR in the server log).
 * :class:`DataOutage` (server output filter on ``train`` tasks): as round ``at_round``'s task goes
   out, renames a folder (the sites' image root) away, so every site fails that round while its
   process stays alive.

@@ -61,7 +61,7 @@ from PIL import Image
 import job
 from qwen3vl_sft.config import DataConfig, ModelConfig
 from qwen3vl_sft.data import SampleBuilder, SkipSample, build_dataset
-from qwen3vl_sft.modeling import ModelError, load_processor
+from qwen3vl_sft.modeling import ModelError
 from qwen3vl_sft.records import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,11 +86,6 @@ def png_header_only(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return load_processor(str(tiny_model_dir), DataConfig())
 
 
 def skip_reason(processor, root: Path, image: str, **data_kw) -> SkipSample:

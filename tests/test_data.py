@@ -18,7 +18,7 @@ from qwen3vl_sft.data import (
     to_messages,
     truncation_point,
 )
-from qwen3vl_sft.modeling import load_processor
+from qwen3vl_sft.records import DataError
 
 # Literal ids: 1 <|im_start|>, 2 <|im_end|>, 5 "user", 6 "assistant", 9 "\n",
 # 3 vision_start, 4 vision_end, 7 image_pad, 0 pad.
@@ -79,11 +79,6 @@ def test_to_messages_adds_missing_placeholders_first():
     assert [c["type"] for c in user["content"]] == ["image", "image", "image", "text"]
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return load_processor(str(tiny_model_dir), DataConfig())
-
-
 def image_file(folder, name, color=(10, 200, 10), size=(64, 64)):
     path = folder / name
     Image.new("RGB", size, color).save(path)
@@ -117,6 +112,24 @@ def test_builder_multi_image_multi_turn(processor, tmp_path):
     sample = SampleBuilder(processor, DataConfig(), tmp_path)(record)
     assert decode_supervised(processor, sample) == "the second image<|im_end|>CT<|im_end|>"
     assert sample["image_grid_thw"].shape == (3, 3) and sample["pixel_values"].shape[0] == 48
+
+
+def test_generation_prompt_is_rendered_as_in_training_up_to_the_first_question(processor, tmp_path):
+    """Bug fixed here: evaluation prompts dropped --system_prompt and ignored --max_image_side."""
+    names = [image_file(tmp_path, "a.png"), image_file(tmp_path, "b.png", size=(300, 20))]
+    record = {"id": "p", "image": names, "conversations": [
+        {"from": "human", "value": "<image><image>\nWhich image?"}, {"from": "gpt", "value": "the first image"},
+        {"from": "human", "value": "Modality?"}, {"from": "gpt", "value": "CT"}]}  # fmt: skip
+    builder = SampleBuilder(processor, DataConfig(system_prompt="You are a radiologist."), tmp_path)
+    messages, images = builder.prompt(record)
+    assert messages == [
+        {"role": "system", "content": [{"type": "text", "text": "You are a radiologist."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which image?"}]},
+    ]  # fmt: skip
+    assert [im.size for im in images] == [(64, 64), (300, 20)]
+    assert builder.image_paths(record) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    with pytest.raises(DataError, match="b.png: 300x20 pixels exceeds max_image_side 200"):
+        SampleBuilder(processor, DataConfig(max_image_side=200), tmp_path).prompt(record)
 
 
 def test_truncated_sample_keeps_whole_images_or_is_dropped(processor, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwen3vl_sft.config import DataConfig, ModelConfig
-from qwen3vl_sft.data import build_dataset
+from qwen3vl_sft.data import SampleBuilder, build_dataset
 from qwen3vl_sft.evaluate import evaluate_answers, evaluate_file, first_answer, generate_answers
 from qwen3vl_sft.metrics import score_answers
 from qwen3vl_sft.modeling import load_model, load_processor
@@ -45,11 +45,12 @@ def scrambled(tiny_model_dir):
 
 def test_batched_greedy_answers_equal_one_at_a_time_in_record_order(scrambled, held_out):
     model, processor = scrambled
-    records, root = held_out.records[:16], held_out.builder.image_root
+    records = held_out.records[:16]
+    builder = SampleBuilder(processor, held_out.builder.config, held_out.builder.image_root)
     assert {len(r["image"]) for r in records} > {1}, "the records should mix single and multi-image prompts"
     # One record per call: no padding and no reordering, the reference for both.
-    single = [generate_answers(model, processor, [r], root, max_new_tokens=5)[0] for r in records]
-    batched = generate_answers(model, processor, records, root, max_new_tokens=5, batch_size=8)
+    single = [generate_answers(model, builder, [r], max_new_tokens=5)[0] for r in records]
+    batched = generate_answers(model, builder, records, max_new_tokens=5, batch_size=8)
     assert batched == single
     assert len(set(single)) > len(records) // 2, "answers must differ between prompts for this test to bite"
     assert processor.tokenizer.padding_side == "right"  # restored after generation (training pads right)

@@ -52,8 +52,7 @@ from ports import free_port_base
 from safetensors.torch import load_file
 
 from qwen3vl_sft import fl_job
-from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, PrepareDataConfig, TrainConfig
-from qwen3vl_sft.prepare import run as prepare_shards
+from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -148,13 +147,6 @@ def saved_model(job: JobConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- the three simulator runs
-
-
-@pytest.fixture(scope="module")
-def shards(synth_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=3))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3vl_sft import fl_job
-from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, PrepareDataConfig, TrainConfig
+from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from qwen3vl_sft.modeling import load_model
-from qwen3vl_sft.prepare import run as prepare_shards
 from qwen3vl_sft.weights import exchanged_names
 
 pytestmark = pytest.mark.slow
 TESTS_DIR = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def shards(synth_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=3))
-    return out
 
 
 def break_site(shards: Path, site: str, into: Path) -> Path:
@@ -61,10 +53,10 @@ def run_job(job, model, data, train, record_dir: Path | None = None):
 
     recipe = fl_job.build_recipe(job, model, data, train)
     if record_dir is not None:
-        from fl_recorder import ResultRecorder
+        from fault_hooks import RoundRecorder
 
-        recipe.add_server_file(str(TESTS_DIR / "fl_recorder.py"))
-        recipe.add_server_input_filter(ResultRecorder(str(record_dir)), tasks=["train"])
+        recipe.add_server_file(str(TESTS_DIR / "fault_hooks.py"))
+        recipe.add_server_input_filter(RoundRecorder(str(record_dir)), tasks=["train"])
     env = fl_job.execution_env(job, 0)
     assert isinstance(env, SimEnv)
     return fl_job.summarize(job, recipe.run(env).get_result())

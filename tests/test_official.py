@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3vl_sft import synthetic, tiny
-from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
+from qwen3vl_sft.config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
 from qwen3vl_sft.official import (
     Environment,
     OfficialBackend,
@@ -256,3 +256,24 @@ def test_lora_is_refused_before_anything_runs(config):
     config.model.lora = True
     with pytest.raises(OfficialBackendError, match="--lora"):
         OfficialBackend(config, root=str(FAKE_ROOT))
+
+
+def test_shards_without_image_root_find_their_images_where_the_engine_does(
+    config, shards, synth_dir, tmp_path
+):
+    """Bug fixed here: without --image_root the backend looked for images beside the shard
+    (data/site-N/), not where prepare_data's manifest.json says they are, as the engine does."""
+    config.data = DataConfig(data_path=str(shards / "site-1" / "train.json"), dataloader_num_workers=0)
+    backend = OfficialBackend(config, root=str(FAKE_ROOT), work_dir=tmp_path / "ws")
+    assert backend.image_root == synth_dir.resolve() != (shards / "site-1").resolve()
+
+
+def test_job_gives_each_sites_child_torchrun_a_port_of_its_own():
+    """Bug fixed here: an explicit --official_master_port was given to every site, so co-located
+    sites' child torchruns collided."""
+    from qwen3vl_sft import fl_job
+
+    job = JobConfig(n_clients=3, master_port_base=29500)
+    for chosen, expected in ((0, [29600, 29601, 29602]), (40000, [40000, 40001, 40002])):
+        backend = BackendConfig(backend="official", official_master_port=chosen)
+        assert [fl_job.site_backend(job, backend, i).official_master_port for i in range(3)] == expected
