@@ -46,7 +46,9 @@ def _sibling(path: str, tag: str, make_dir: bool) -> str:
 
     Unlike ``tempfile.mkstemp``/``mkdtemp`` (mode 0600/0700), it is created with the umask applied,
     so the published file or directory gets the same permissions a plain ``open``/``mkdir`` gives.
+    Missing parent directories are created, as for any output path.
     """
+    os.makedirs(_parent(path), exist_ok=True)
     for _ in range(100):
         name = os.path.join(_parent(path), f".{os.path.basename(path)}.{tag}.{secrets.token_hex(4)}")
         try:

@@ -25,6 +25,15 @@ def test_atomic_write_bytes_and_json(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "m.json"]
 
 
+def test_outputs_under_missing_folders_create_them(tmp_path):
+    """Bug fixed here: a first `python job.py --demo` (no demo/ folder yet) failed building the model."""
+    fileio.atomic_write_json(tmp_path / "a" / "b" / "x.json", {"k": 1})
+    with fileio.atomic_dir(tmp_path / "c" / "d") as tmp:
+        open(os.path.join(tmp, "f"), "w").close()
+    assert json.loads((tmp_path / "a" / "b" / "x.json").read_text()) == {"k": 1}
+    assert os.listdir(tmp_path / "c") == ["d"] and os.listdir(tmp_path / "c" / "d") == ["f"]
+
+
 def test_published_files_get_normal_permissions(tmp_path):
     old = os.umask(0o022)
     try:
