@@ -9,6 +9,7 @@
 Every flag's default comes from qwen3vl_sft.config (see `python job.py --help`).
 """
 
+import shlex
 import sys
 
 from qwen3vl_sft.config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig, parse
@@ -16,29 +17,34 @@ from qwen3vl_sft.records import DataError
 
 
 def main(argv=None):
+    configs = (JobConfig, ModelConfig, DataConfig, TrainConfig, BackendConfig)
+    job, model, data, train, backend = parse(configs, argv, description=__doc__)
     import torch
 
     from qwen3vl_sft import fl_job
     from qwen3vl_sft.demo import prepare_demo, report_demo
 
-    configs = (JobConfig, ModelConfig, DataConfig, TrainConfig, BackendConfig)
-    job, model, data, train, backend = parse(configs, argv, description=__doc__)
     try:
         if job.demo:
             job, model, data, train = prepare_demo(job, model, data, train)
         recipe = fl_job.build_recipe(job, model, data, train, backend)
         if job.export_dir:
             recipe.export(job.export_dir)
-            print(f"Job exported to {job.export_dir}; submit it with: nvflare job submit -j {job.export_dir}")
+            job_folder = fl_job.exported_job_folder(job)
+            print(
+                f"Job exported to {job_folder}; submit it with: nvflare job submit -j {shlex.quote(job_folder)}"
+            )
             return
-        run = recipe.run(fl_job.execution_env(job, torch.cuda.device_count()))
-        # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
-        summary = fl_job.summarize(job, run.get_result(clean_up=job.env != "poc"))
-    except DataError as err:
+        summary = fl_job.run_job(job, recipe, torch.cuda.device_count())
+        print(summary.text)
+        if job.demo:
+            report_demo(job, model, data, summary)
+    except (DataError, fl_job.JobFailed) as err:
         sys.exit(f"error: {err}")
-    print(summary.text)
-    if job.demo:
-        report_demo(job, model, data, summary)
+    except KeyboardInterrupt:
+        print("\njob.py: interrupted; continue the job later with: python job.py --resume <same flags>",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
 
 
 if __name__ == "__main__":

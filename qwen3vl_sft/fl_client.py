@@ -83,6 +83,20 @@ def validate(engine: SFTEngine, data: DataConfig) -> dict[str, float]:
     return metrics
 
 
+def check_site_paths(data: DataConfig) -> None:
+    """Refuse to start when a data path of the job does not exist on this site, naming it.
+
+    Paths in the job config are absolute; a job exported or submitted elsewhere may still name
+    folders this machine lacks. Every round would fail on them, so the site stops at start-up.
+    """
+    wanted = {"--data_path": data.data_path, "--eval_data_path": data.eval_data_path,
+              "--image_root": data.image_root}  # fmt: skip
+    for flag, path in wanted.items():
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist on this site; copy the site's data there "
+                                    "or export the job with this site's paths")  # fmt: skip
+
+
 def log_metrics(writer, metrics: dict[str, float], step: int) -> None:
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -128,6 +142,8 @@ def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:
     import nvflare.client as flare
     from nvflare.client.tracking import SummaryWriter
 
+    # Before the handshake: a site that cannot start ends the job with this reason (fl_watch).
+    check_site_paths(config.data)
     rank, world_size = rank_and_world()
     init_process_group(world_size)
     flare.init(rank=str(rank))  # before the slow model load: NVFlare's launch timeout is running
@@ -152,13 +168,11 @@ def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:
         except WeightsError:
             raise  # an empty or mismatched global model: nothing sensible to train on
         except Exception as err:  # noqa: BLE001 - any failure (OOM, bad data) is reported, the federation goes on
-            logger.error("Qwen SFT failed on %s: %s", site, err)
+            logger.error("Qwen SFT failed on %s in round %s: %s", site, current_round, err)
             if rank == 0:
-                flare.send(
-                    flare.FLModel(
-                        params={}, params_type="FULL", meta={"error": f"{type(err).__name__}: {err}"}
-                    )
-                )
+                error = " ".join(f"{type(err).__name__}: {err}".split())  # one line in the server's report
+                meta = {"error": error, "site": site, "round": current_round}
+                flare.send(flare.FLModel(params={}, params_type="FULL", meta=meta))
             continue
         if rank == 0:
             send_result(flare, writer, site, current_round, result, time.monotonic() - start)

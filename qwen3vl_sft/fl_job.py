@@ -14,12 +14,14 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from .config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig, to_flags
 from .fileio import atomic_path
+from .fl_watch import failure_line, read_failure
 from .records import DataError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -32,13 +34,57 @@ LARGE_MODEL_TIMEOUTS = {
     "tensor_streaming_per_request_timeout": 600,
     "streaming_idle_timeout": 1800,
 }
-KEY_METRIC = "val_accuracy"
+# The key metric every data set has: PubMedVision's answers are paragraphs, so accuracy (exact match on
+# short answers) is often undefined, while the teacher-forced answer loss always exists.
+KEY_METRIC, KEY_METRIC_MODE = "val_loss", "min"
+MAX_PORT = 65535
 
 
 def site_names(n_clients: int) -> list[str]:
     if n_clients <= 0:
         raise DataError(f"--n_clients must be at least 1, got {n_clients}")
     return [f"site-{i}" for i in range(1, n_clients + 1)]
+
+
+def check_job(job: JobConfig, train: TrainConfig) -> None:
+    """Refuse, in one line naming the flag, values the job could only fail on later (inside NVFlare)."""
+    site_names(job.n_clients)
+    at_least_one = {"--num_rounds": job.num_rounds, "--nproc_per_client": job.nproc_per_client,
+                    "--per_device_train_batch_size": train.per_device_train_batch_size,
+                    "--gradient_accumulation_steps": train.gradient_accumulation_steps}  # fmt: skip
+    for flag, value in at_least_one.items():
+        if value < 1:
+            raise DataError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= job.min_clients <= job.n_clients:
+        raise DataError(f"--min_clients must be between 0 (all sites) and --n_clients {job.n_clients}, "
+                        f"got {job.min_clients}")  # fmt: skip
+    if not 1024 <= job.master_port_base <= MAX_PORT - job.n_clients:
+        raise DataError(
+            f"--master_port_base must be in 1024..{MAX_PORT - job.n_clients}, got {job.master_port_base}"
+        )
+    if train.max_steps == 0 or train.max_steps < -1:
+        raise DataError(f"--max_steps must be a positive step count or -1 (one epoch), got {train.max_steps}")
+    if train.max_steps == -1 and train.num_train_epochs <= 0:
+        raise DataError(
+            f"--num_train_epochs must be > 0 when --max_steps is -1, got {train.num_train_epochs}"
+        )
+    if not train.learning_rate > 0:
+        raise DataError(f"--learning_rate must be > 0, got {train.learning_rate}")
+    if job.gpu:
+        gpu_groups(job, 0)  # the syntax and group count; GPU ids are the machine's to check
+    if not job.export_dir:
+        check_writable(job.workspace, "--workspace")
+
+
+def check_writable(folder: str, flag: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise DataError(
+            f"{flag} {folder} is not writable ({err.strerror or err}); pass a writable folder"
+        ) from err
 
 
 def gpu_groups(job: JobConfig, cuda_devices: int) -> list[list[int]] | None:
@@ -71,30 +117,75 @@ def site_data(data: DataConfig, data_dir: Path, site: str) -> DataConfig:
         )
     val = data_dir / site / "val.json"
     image_root = os.path.abspath(data.image_root) if data.image_root else ""
+    if image_root and not os.path.isdir(image_root):
+        raise DataError(f"--image_root {data.image_root} is not a directory; pass the folder holding images/")
     return dataclasses.replace(
         data, data_path=str(train), eval_data_path=str(val) if val.is_file() else "", image_root=image_root
     )
 
 
-def launch_command(job: JobConfig, index: int, backend: BackendConfig) -> str:
+def port_is_free(port: int) -> bool:
+    """Whether a TCP server (torchrun's rendezvous store) could listen on ``port`` on this machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))  # all interfaces, as torchrun's store binds
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(wanted: list[int], flag: str, check: bool) -> list[int]:
+    """``wanted`` with each busy port replaced by the next free one above it (one line says so).
+
+    Sites of a simulator or PoC run share this machine, so a port another process listens on would
+    kill a site's torchrun at start (EADDRINUSE). ``check`` is off for exported jobs: they run elsewhere.
+    """
+    chosen: list[int] = []
+    for port in wanted:
+        candidate = port
+        while check and (candidate in chosen or not port_is_free(candidate)):
+            candidate += 1
+            if candidate > MAX_PORT:
+                raise DataError(f"{flag}: no free TCP port from {port} up; pass a lower {flag}")
+        if candidate != port:
+            print(f"{flag}: port {port} is in use on this machine; using {candidate} instead")
+        chosen.append(candidate)
+    return chosen
+
+
+def master_ports(job: JobConfig) -> list[int]:
+    """torchrun --master_port of each site: unique, from --master_port_base, free on this machine."""
+    wanted = [job.master_port_base + i for i in range(job.n_clients)]
+    return free_ports(wanted, "--master_port_base", check=not job.export_dir)
+
+
+def launch_command(job: JobConfig, port: int, backend: BackendConfig) -> str:
     """torchrun for one site; a unique --master_port per site so co-located sites never collide.
 
     The official backend starts its own torchrun per round, so its client runs as one process.
     """
     runner = "torchrun" if job.export_dir else f"{shlex.quote(sys.executable)} -u -m torch.distributed.run"
     nproc = 1 if backend.backend == "official" else job.nproc_per_client
-    return f"{runner} --nproc_per_node={nproc} --master_port={job.master_port_base + index}"
+    return f"{runner} --nproc_per_node={nproc} --master_port={port}"
 
 
-def site_backend(job: JobConfig, backend: BackendConfig, index: int) -> BackendConfig:
-    """The backend flags of site ``index`` (0-based): the official backend's child torchrun gets a
-    port of its own per site, counted from --official_master_port or --master_port_base + 100."""
+def site_backends(job: JobConfig, backend: BackendConfig, taken: list[int]) -> list[BackendConfig]:
+    """The backend flags of each site: the official backend's child torchrun gets a port of its own
+    per site, counted from --official_master_port or --master_port_base + 100 (and not in ``taken``)."""
     if backend.backend != "official":
-        return backend
-    port = (backend.official_master_port or job.master_port_base + 100) + index
-    return dataclasses.replace(
-        backend, official_nproc_per_node=job.nproc_per_client, official_master_port=port
-    )
+        return [backend] * job.n_clients
+    base = backend.official_master_port or job.master_port_base + 100
+    wanted = [base + i for i in range(job.n_clients)]
+    ports = free_ports(wanted, "--official_master_port", check=not job.export_dir)
+    if set(ports) & set(taken):
+        raise DataError(
+            f"--official_master_port {base}: its ports {ports} overlap the sites' --master_port {taken}; "
+            "pass another --official_master_port"
+        )
+    return [
+        dataclasses.replace(backend, official_nproc_per_node=job.nproc_per_client, official_master_port=port)
+        for port in ports
+    ]
 
 
 def absolute_model_path(model: ModelConfig) -> ModelConfig:
@@ -215,54 +306,32 @@ def build_recipe(
     train: TrainConfig,
     backend: BackendConfig | None = None,
 ):
-    """The FedAvg recipe with per-site commands, timeouts, tracking and the lean persistor."""
+    """The FedAvg recipe with per-site commands, timeouts, tracking, failure watch and the lean persistor."""
     from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
-    from .fl_server import GlobalModelPersistor
-
-    sites, model = site_names(job.n_clients), absolute_model_path(model)
+    check_job(job, train)
+    model = absolute_model_path(model)
     check_model(model)
-    backend = backend or BackendConfig()
     checkpoint = resume_checkpoint(job)
     start_round = completed_rounds(checkpoint)
     if start_round >= job.num_rounds:
         raise DataError(
             f"--resume: all {job.num_rounds} rounds are done already (last checkpoint {checkpoint})"
         )
-    model_args = {"model_config": dataclasses.asdict(model)}
-    persistor = GlobalModelPersistor(
-        model_config=dataclasses.asdict(model),
-        min_sites=job.min_clients or job.n_clients,
-        model={"path": "model.Qwen3VLGlobalModel", "args": model_args},
-        source_ckpt_file_full_name=checkpoint,
-        key_metric=KEY_METRIC,  # the best model by the same metric NVFlare's model selector tracks
-    )
+    per_site = site_configs(job, model, data, train, backend or BackendConfig())
     recipe = _recipe_class()(
         start_round=start_round,
         name=job.job_name,
         min_clients=job.n_clients,  # NVFlare samples this many sites per round: all of them
         num_rounds=job.num_rounds - start_round,
-        train_script="client.py",
+        train_script=str(REPO_DIR / "client.py"),  # absolute: job.py runs from any folder
         launch_external_process=True,
         server_expected_format="pytorch",
         key_metric=KEY_METRIC,
-        model_persistor=persistor,
+        key_metric_mode=KEY_METRIC_MODE,
+        model_persistor=global_model_persistor(job, model, checkpoint),
         server_memory_gc_rounds=1,  # gc + malloc_trim each round: held memory back to ~1x the model
     )
-    data_dir = Path(job.data_dir) if job.export_dir else Path(job.data_dir).resolve()
-    threads = cpu_threads_per_site(job)
-    per_site = {}
-    for index, site in enumerate(sites):
-        train_site = dataclasses.replace(
-            train,
-            output_dir="qwen3vl_outputs",
-            report_to="none",
-            torch_threads=train.torch_threads or threads,
-        )
-        flags = to_flags(
-            model, site_data(data, data_dir, site), train_site, site_backend(job, backend, index)
-        )
-        per_site[site] = {"train_args": shlex.join(flags), "command": launch_command(job, index, backend)}
     set_per_site_config(recipe, per_site)
     staged = stage_package()
     recipe.add_server_file(staged)
@@ -270,10 +339,59 @@ def build_recipe(
     recipe.add_client_file(staged)
     recipe.add_client_config(dict(LARGE_MODEL_TIMEOUTS))
     recipe.add_server_config(dict(LARGE_MODEL_TIMEOUTS))
+    add_failure_watch(recipe)
     add_experiment_tracking(recipe, "tensorboard")
     if job.wandb:
         add_experiment_tracking(recipe, "wandb", wandb_tracking_config())
     return recipe
+
+
+def global_model_persistor(job: JobConfig, model: ModelConfig, checkpoint: str | None):
+    from .fl_server import GlobalModelPersistor
+
+    return GlobalModelPersistor(
+        model_config=dataclasses.asdict(model),
+        min_sites=job.min_clients or job.n_clients,
+        model={"path": "model.Qwen3VLGlobalModel", "args": {"model_config": dataclasses.asdict(model)}},
+        source_ckpt_file_full_name=checkpoint,
+        key_metric=KEY_METRIC,  # the best model by the same metric NVFlare's model selector tracks
+        key_mode=KEY_METRIC_MODE,
+    )
+
+
+def site_configs(
+    job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig, backend: BackendConfig
+) -> dict[str, dict]:
+    """Per site: its client.py flags (absolute paths) and its torchrun command (a free --master_port)."""
+    data_dir = Path(job.data_dir).resolve()  # absolute in exported jobs too: sites run from elsewhere
+    train_site = dataclasses.replace(
+        train,
+        output_dir="qwen3vl_outputs",
+        report_to="none",
+        torch_threads=train.torch_threads or cpu_threads_per_site(job),
+    )
+    ports = master_ports(job)
+    backends = site_backends(job, backend, ports)
+    per_site, validated = {}, 0
+    for site, port, site_backend in zip(site_names(job.n_clients), ports, backends, strict=True):
+        site_data_config = site_data(data, data_dir, site)
+        validated += bool(site_data_config.eval_data_path)
+        flags = to_flags(model, site_data_config, train_site, site_backend)
+        per_site[site] = {"train_args": shlex.join(flags), "command": launch_command(job, port, backend)}
+    if not validated:
+        print(f"note: no site has a val.json under {data_dir}: no val_loss is reported, so no best global "
+              "model is kept (prepare_data.py --val_fraction > 0 writes one)")  # fmt: skip
+    return per_site
+
+
+def add_failure_watch(recipe) -> None:
+    """Sites report fatal errors to the server, which ends the job with the reason (see fl_watch)."""
+    from .fl_watch import JobFailureRecorder, SiteFailureReporter
+
+    recipe.add_server_input_filter(JobFailureRecorder(), tasks=["train"])
+    # Recipes have no public call for a plain client component; NVFlare's own add_experiment_tracking
+    # uses this one, which keeps the per-site apps set_per_site_config made.
+    recipe._add_to_client_apps(SiteFailureReporter(), id="site_failure_reporter")
 
 
 def wandb_tracking_config() -> dict:
@@ -283,6 +401,15 @@ def wandb_tracking_config() -> dict:
     return {"mode": mode, "wandb_args": args}
 
 
+def exported_job_folder(job: JobConfig) -> str:
+    """The folder ``recipe.export`` wrote the job into (what ``nvflare job submit -j`` takes)."""
+    return str(Path(job.export_dir).resolve() / job.job_name)
+
+
+def poc_workspace(job: JobConfig) -> str:
+    return str(Path(job.workspace).resolve() / "poc")
+
+
 def execution_env(job: JobConfig, cuda_devices: int):
     from nvflare.recipe.poc_env import PocEnv
     from nvflare.recipe.sim_env import SimEnv
@@ -290,6 +417,9 @@ def execution_env(job: JobConfig, cuda_devices: int):
     groups = gpu_groups(job, cuda_devices)
     if job.env == "poc":
         gpu_ids = sorted({g for group in groups for g in group}) if groups else None
+        # NVFlare reads the PoC folder from this variable first: without it, PoC runs share /tmp/nvflare/poc
+        # (or whatever ~/.nvflare/config.conf names) with every other user and job on the machine.
+        os.environ["NVFLARE_POC_WORKSPACE"] = poc_workspace(job)
         return PocEnv(num_clients=job.n_clients, gpu_ids=gpu_ids)
     gpu_config = ",".join("[" + ",".join(map(str, g)) + "]" for g in groups) if groups else None
     return SimEnv(
@@ -299,6 +429,38 @@ def execution_env(job: JobConfig, cuda_devices: int):
         gpu_config=gpu_config,
         workspace_root=job.workspace,
     )
+
+
+class JobFailed(RuntimeError):
+    """The federated job stopped before its last round; the message is the reason, in one line."""
+
+
+def run_job(job: JobConfig, recipe, cuda_devices: int) -> Summary:
+    """Run the recipe in the simulator or PoC; the summary, or JobFailed with the server's reason."""
+    env = execution_env(job, cuda_devices)
+    search_dir = Path(poc_workspace(job) if job.env == "poc" else Path(job.workspace) / job.job_name)
+    try:
+        # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
+        result_dir = recipe.run(env).get_result(clean_up=job.env != "poc")
+    except RuntimeError as err:  # the simulator's "Simulation failed with return code N"
+        raise JobFailed(failure_message(search_dir, str(err).splitlines()[0])) from None
+    failure = read_failure(result_dir or search_dir)
+    if failure is not None:
+        raise JobFailed(failure_line(failure, server_log(result_dir or search_dir)))
+    if not result_dir and job.env == "poc":
+        raise JobFailed(f"the PoC job returned no result; see the logs under {search_dir}")
+    return summarize(job, result_dir)
+
+
+def server_log(search_dir: str | os.PathLike) -> str:
+    found = sorted(Path(search_dir).glob("**/server/log.txt")) or sorted(Path(search_dir).glob("**/log.txt"))
+    return str(found[0]) if found else str(search_dir)
+
+
+def failure_message(search_dir: Path, fallback: str) -> str:
+    failure = read_failure(search_dir)
+    log = server_log(search_dir)
+    return failure_line(failure, log) if failure else f"{fallback.rstrip('. ')} (server log: {log})"
 
 
 @dataclasses.dataclass
@@ -311,7 +473,7 @@ class Summary:
     text: str
 
 
-SUMMARY_COLUMNS = ("train_loss", "samples", "seconds", "sent_mib", "val_loss", "val_accuracy")
+SUMMARY_COLUMNS = ("train_loss", "samples", "seconds", "sent_mib", "val_loss", "val_accuracy", "val_rouge_l")
 
 
 def read_site_metrics(result_dir: str) -> list[dict]:
@@ -340,6 +502,15 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def evaluate_command(job: JobConfig, global_dir: str) -> str:
+    """The run_inference.py command for the global model, quoted for a POSIX shell and runnable as
+    printed from any folder (absolute paths; the base model is recorded in the global model itself)."""
+    test_file = Path(job.data_dir).resolve() / "test.json"
+    script = REPO_DIR / "run_inference.py"
+    args = [sys.executable, str(script), "--model_path", global_dir or "<global_model_hf>"]
+    return shlex.join([*args, "--data_file", str(test_file)])
+
+
 def summarize(job: JobConfig, result_dir: str | None) -> Summary:
     """The end-of-job report: metrics table, where the global model is, how to evaluate it."""
     result_dir = str(result_dir or Path(job.workspace) / job.job_name)
@@ -351,8 +522,7 @@ def summarize(job: JobConfig, result_dir: str | None) -> Summary:
             f"Job finished. Results: {result_dir}",
             format_rows(rows) if rows else "(no per-site metrics were recorded)",
             f"Global model (HF directory): {global_dir or 'not written'}",
-            f"Evaluate it: python run_inference.py --model_path {global_dir or '<global_model_hf>'} "
-            f"--data_file {Path(job.data_dir) / 'test.json'}",
+            f"Evaluate it: {evaluate_command(job, global_dir)}",
         ]
     )
     return Summary(result_dir=result_dir, rows=rows, global_model_dir=global_dir, text=text)

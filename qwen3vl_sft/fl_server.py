@@ -9,7 +9,7 @@ base checkpoint's safetensors — the server never builds the 2B model.  :class:
 extends NVFlare's ``PTFileModelPersistor``: besides ``FL_global_model.pt`` it writes, every round and
 atomically, ``global_model_hf/`` (an HF directory, or a PEFT adapter directory with LoRA) and keeps
 ``best_global_model_hf/`` (+ ``best_FL_global_model.pt``) for the model with the best site validation
-score.  Sites validate the global model they *receive*, so round r's score belongs to the model saved in
+score (``val_loss`` by default: it exists for every data set, long answers included).  Sites validate the global model they *receive*, so round r's score belongs to the model saved in
 round r-1: the persistor promotes that one.  An empty aggregate (every site failed) is refused: the job
 stops with the previous global model on disk instead of sending an empty model on.
 """
@@ -65,8 +65,8 @@ class GlobalModelPersistor(_persistor_base()):
         min_sites: int = 1,
         model: dict | None = None,
         source_ckpt_file_full_name: str | None = None,
-        key_metric: str = "val_accuracy",
-        key_mode: str = "max",
+        key_metric: str = "val_loss",
+        key_mode: str = "min",
     ):
         # Arguments are named, not **kwargs: NVFlare writes constructor arguments into the job config.
         # allow_numpy_conversion off: bf16 has no numpy dtype, and clients train on tensors anyway.

@@ -90,6 +90,8 @@ def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_m
     assert "Qwen SFT failed on site-3" in site3_log and "max_bad_sample_fraction" in site3_log
     server_log = (Path(job.workspace) / job.job_name / "server" / "log.txt").read_text()
     assert server_log.count("Empty result from client site-3, skipping") == 2
+    # the server names the failing site, its round and its reason, not only "empty result"
+    assert "site-3 failed round 1: DataError: " in server_log and "max_bad_sample_fraction" in server_log
 
     rows = {(r["round"], r["site"]) for r in summary.rows}
     assert rows == {(0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")}
@@ -111,7 +113,7 @@ def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_m
     assert out.shape[1] > len(processor.tokenizer(prompt)["input_ids"])
     assert (server_dir(job) / "best_global_model_hf" / "model.safetensors").is_file()
     state = json.loads((server_dir(job) / "fl_state.json").read_text())
-    assert state["last_round"] == 1 and state["key_metric"] == "val_accuracy"
+    assert state["last_round"] == 1 and state["key_metric"] == "val_loss"
 
 
 def test_lora_job_with_two_processes_per_site(tiny_model_dir, shards, tmp_path):

@@ -276,4 +276,5 @@ def test_job_gives_each_sites_child_torchrun_a_port_of_its_own():
     job = JobConfig(n_clients=3, master_port_base=29500)
     for chosen, expected in ((0, [29600, 29601, 29602]), (40000, [40000, 40001, 40002])):
         backend = BackendConfig(backend="official", official_master_port=chosen)
-        assert [fl_job.site_backend(job, backend, i).official_master_port for i in range(3)] == expected
+        backends = fl_job.site_backends(job, backend, taken=[29500, 29501, 29502])
+        assert [b.official_master_port for b in backends] == expected

@@ -1,0 +1,100 @@
+"""job.py before NVFlare runs: flags refused in one line, free ports, the printed commands. Fast."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+import job as job_script
+from qwen3vl_sft import fl_job
+from qwen3vl_sft.config import JobConfig
+
+
+def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
+    with pytest.raises(SystemExit) as stop:
+        job_script.main(argv)
+    return stop.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num_rounds", "0"], "--num_rounds must be at least 1, got 0"),
+        (["--n_clients", "0"], "--n_clients must be at least 1"),
+        (["--nproc_per_client", "0"], "--nproc_per_client must be at least 1"),
+        (["--min_clients", "4"], "--min_clients must be between 0 (all sites) and --n_clients 3, got 4"),
+        (["--master_port_base", "80"], "--master_port_base must be in 1024..65532, got 80"),
+        (["--max_steps", "0"], "--max_steps must be a positive step count or -1"),
+        (["--learning_rate", "0"], "--learning_rate must be > 0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+        (["--image_root", "/no/such/images"], "--image_root /no/such/images is not a directory"),
+        (["--workspace", "/proc/not-writable"], "--workspace /proc/not-writable is not writable"),
+        (["--gpu", "[0],[1"], "--gpu '[0],[1' is malformed"),
+    ],
+)
+def test_flags_that_cannot_work_are_refused_in_one_line(
+    flags, message, tiny_model_dir, shards, tmp_path, capsys
+):
+    base = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--data_dir",
+        str(shards),
+        "--workspace",
+        str(tmp_path),
+    ]
+    code, _ = run_main([*base, *flags], capsys)
+    assert isinstance(code, str) and code.startswith("error: ") and message in code, code
+    assert "\n" not in code
+
+
+def test_a_missing_data_dir_names_the_file_and_the_command(tmp_path, tiny_model_dir, capsys):
+    code, _ = run_main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(tmp_path / "nodata"),
+                        "--workspace", str(tmp_path / "ws")], capsys)  # fmt: skip
+    assert code == f"error: {tmp_path / 'nodata' / 'site-1' / 'train.json'} does not exist: run prepare_data.py " \
+        f"--num_clients N --output_dir {tmp_path / 'nodata'} first"  # fmt: skip
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_code_130(tiny_model_dir, shards, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fl_job, "run_job", interrupted)
+    code, err = run_main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(shards),
+                          "--workspace", str(tmp_path / "ws")], capsys)  # fmt: skip
+    assert code == 130
+    assert (
+        err.strip() == "job.py: interrupted; continue the job later with: python job.py --resume <same flags>"
+    )
+
+
+def listening_port() -> socket.socket:
+    s = socket.socket()
+    s.bind(("", 0))
+    s.listen()
+    return s
+
+
+def test_a_busy_master_port_is_replaced_by_a_free_one(capsys):
+    with listening_port() as busy:
+        port = busy.getsockname()[1]
+        ports = fl_job.master_ports(JobConfig(n_clients=3, master_port_base=port))
+        assert port not in ports and len(set(ports)) == 3 and ports[0] > port
+        assert all(fl_job.port_is_free(p) for p in ports)
+        assert f"port {port} is in use on this machine; using {ports[0]} instead" in capsys.readouterr().out
+        # an exported job runs elsewhere: its ports are the ones asked for
+        exported = JobConfig(n_clients=3, master_port_base=port, export_dir="x")
+        assert fl_job.master_ports(exported) == [port, port + 1, port + 2]
+
+
+def test_the_printed_commands_are_quoted_and_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = JobConfig(data_dir="my data", export_dir="out dir")
+    command = shlex.split(fl_job.evaluate_command(job, "/ws/global model_hf"))
+    assert command == [sys.executable, str(Path(fl_job.REPO_DIR) / "run_inference.py"), "--model_path",
+                       "/ws/global model_hf", "--data_file", str(tmp_path / "my data" / "test.json")]  # fmt: skip
+    assert fl_job.exported_job_folder(job) == str(tmp_path / "out dir" / job.job_name)
