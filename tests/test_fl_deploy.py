@@ -4,18 +4,22 @@ folder that runs by itself. Slow (NVFlare start-up dominates); CI runs them."""
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port_base
 
 import job as job_script
 from qwen3vl_sft.config import PrepareDataConfig
 from qwen3vl_sft.prepare import run as prepare_shards
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
 SMALL_RUN = ["--n_clients", "2", "--num_rounds", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
              "--disable_progress_bar", "true", "--dataloader_num_workers", "0"]  # fmt: skip
 
@@ -27,42 +31,64 @@ def two_site_shards(synth_file, tmp_path_factory) -> Path:
     return out
 
 
-def test_poc_run_completes_and_writes_the_global_model(tiny_model_dir, two_site_shards, capsys):
+def nvflare_home_state() -> dict[str, bytes]:
+    """Every file under ~/.nvflare with its content: PoC must leave the user's NVFlare config alone."""
+    home = Path.home() / ".nvflare"
+    return {str(p): p.read_bytes() for p in sorted(home.rglob("*")) if p.is_file()} if home.is_dir() else {}
+
+
+def test_poc_run_completes_in_its_workspace_and_writes_the_global_model(
+    tiny_model_dir, two_site_shards, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("NVFLARE_POC_WORKSPACE", raising=False)
+    before = nvflare_home_state()
+    workspace = tmp_path / "ws"
     job_script.main(
-        [
-            "--env",
-            "poc",
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--data_dir",
-            str(two_site_shards),
-            *SMALL_RUN,
-        ]
-    )
+        ["--env", "poc", "--model_name_or_path", str(tiny_model_dir), "--data_dir", str(two_site_shards),
+         "--workspace", str(workspace), *SMALL_RUN]
+    )  # fmt: skip
     out = capsys.readouterr().out
     assert "Job finished" in out
     hf_dir = Path(out.split("Global model (HF directory): ", 1)[1].splitlines()[0])
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "config.json").is_file()
     assert "    0 site-1" in out and "    0 site-2" in out  # per-site metrics came back through the server
+    assert hf_dir.is_relative_to(workspace / "poc")  # not the shared /tmp/nvflare/poc
+    assert nvflare_home_state() == before
 
 
-def test_exported_job_folder_runs_by_itself(tiny_model_dir, two_site_shards, tmp_path):
-    export = tmp_path / "exported"
-    job_script.main(
-        ["--export_dir", str(export), "--model_name_or_path", str(tiny_model_dir), "--data_dir", str(two_site_shards),
-         *SMALL_RUN]
-    )  # fmt: skip
-    job_dir = export / "qwen3-vl-fedavg"
+def test_exported_job_folder_runs_by_itself_from_another_folder(
+    tiny_model_dir, two_site_shards, tmp_path, capsys
+):
+    """Bug fixed here: a relative --data_dir stayed relative in the exported job (sites resolved it from
+    their workspace and found nothing), and the printed submit command named the export's parent folder."""
+    project = tmp_path / "project"
+    shutil.copytree(two_site_shards, project / "data")
+    os.chdir(project)  # the relative paths below are the user's, from where they ran job.py
+    try:
+        job_script.main(["--export_dir", "exported", "--model_name_or_path", str(tiny_model_dir),
+                         "--data_dir", "data", "--master_port_base", str(free_port_base(2)), *SMALL_RUN])  # fmt: skip
+    finally:
+        os.chdir(REPO)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    job_dir = Path(shlex.split(printed.split("submit it with: ", 1)[1])[-1])
+    assert job_dir == project / "exported" / "qwen3-vl-fedavg"
+    assert (job_dir / "meta.json").is_file()  # what `nvflare job submit -j` takes: a job folder
     for app in ("app_server", "app_site-1", "app_site-2"):
         assert (
             job_dir / app / "custom" / "qwen3vl_sft" / "__init__.py"
         ).is_file()  # the package travels along
-    # Run it elsewhere, with nothing of this repository on the path: only the job folder.
+    client_config = (job_dir / "app_site-1" / "config" / "config_fed_client.json").read_text()
+    assert str(project / "data" / "site-1" / "train.json") in client_config  # absolute: sites run elsewhere
+    # Run it from another folder, with nothing of this repository on the path: only the job folder.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # torchrun, as on a site
     nvflare = Path(sys.executable).parent / "nvflare"
-    cmd = [str(nvflare), "simulator", "-w", str(tmp_path / "ws"), "-n", "2", "-t", "2", str(job_dir)]
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
-    saved = torch.load(tmp_path / "ws/server/simulate_job/app_server/FL_global_model.pt", weights_only=True)
+    cmd = [str(nvflare), "simulator", "-w", "ws", "-n", "2", "-t", "2", str(job_dir)]
+    subprocess.run(cmd, cwd=elsewhere, env=env, check=True, capture_output=True, timeout=600)
+    app_server = elsewhere / "ws/server/simulate_job/app_server"
+    saved = torch.load(app_server / "FL_global_model.pt", weights_only=True)
     assert saved["model"] and all(t.dtype == torch.bfloat16 for t in saved["model"].values())
-    assert (tmp_path / "ws/server/simulate_job/app_server/global_model_hf/model.safetensors").is_file()
+    assert saved["meta"]["round"] == 0  # the round ran: the sites found their data
+    assert (app_server / "global_model_hf/model.safetensors").is_file()

@@ -153,3 +153,30 @@ def test_resume_continues_at_the_next_round_from_the_saved_model(tiny_model_dir,
     )
     with pytest.raises(Exception, match="all 2 rounds are done"):
         fl_job.build_recipe(dataclasses.replace(job, resume=True), model, data, train)
+
+
+def test_a_site_whose_torchrun_cannot_start_ends_the_job_with_the_reason(
+    tiny_model_dir, shards, tmp_path, monkeypatch
+):
+    """Bug fixed here: with another process on site-1's --master_port, site-1's torchrun died with
+    EADDRINUSE before the Client API handshake and the job waited for site-1 forever. The port check
+    is bypassed here (a process can take the port between the check and the launch)."""
+    import socket
+    import time
+
+    job, model, data, train = configs(tmp_path, tiny_model_dir, shards, n_clients=2)
+    job = dataclasses.replace(job, num_rounds=1)
+    monkeypatch.setattr(fl_job, "port_is_free", lambda port: True)
+    with socket.socket() as busy:
+        busy.bind(("", job.master_port_base))
+        busy.listen()
+        recipe = fl_job.build_recipe(job, model, data, train)
+        start = time.monotonic()
+        with pytest.raises(fl_job.JobFailed) as failure:
+            fl_job.run_job(job, recipe, 0)
+    assert time.monotonic() - start < 240
+    message = str(failure.value)
+    assert message.startswith("the federated job stopped at start-up: site-1 stopped: ")
+    assert "EADDRINUSE" in message and f"port: {job.master_port_base}" in message
+    assert str(Path(job.workspace) / job.job_name / "site-1" / "log.txt") in message
+    assert "\n" not in message
