@@ -10,6 +10,11 @@ one ``<image>`` placeholder per image), a global held-out ``test.json`` and ``ma
 config, counts per site by modality and body part, skipped records by reason, sha256 of each file).
 Image archives ``images_*.zip`` next to the data file are extracted into ``images/`` first.
 Pass ``--data_file ''`` to download ``--split_name`` from the Hugging Face Hub instead.
+
+Exact duplicate records are dropped (the first is kept), records sharing an image or an id stay on
+one side of every split, ``--val_fraction 0`` / ``--test_fraction 0`` write no ``val.json`` /
+``test.json``; the manifest counts all of it (keys: :mod:`qwen3vl_sft.prepare`).  Exit codes: 0 done,
+2 bad data or flag (one line on stderr), 130 interrupted (nothing published).
 """
 
 from __future__ import annotations
@@ -19,16 +24,25 @@ import sys
 from qwen3vl_sft.config import PrepareDataConfig, parse
 from qwen3vl_sft.prepare import report, run
 from qwen3vl_sft.records import DataError
+from qwen3vl_sft.sharding import InterruptedAfterPublish
 
 
 def main(argv: list[str] | None = None) -> int:
-    (cfg,) = parse((PrepareDataConfig,), argv, description=__doc__)
     try:
+        (cfg,) = parse((PrepareDataConfig,), argv, description=__doc__)
         manifest = run(cfg)
+        report(cfg, manifest)
     except DataError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
-    report(cfg, manifest)
+    except InterruptedAfterPublish:
+        print("prepare_data.py: interrupted after the new shards were completely in place", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # shards are staged and published last: the output folder is as it was
+        print(
+            "prepare_data.py: interrupted; --output_dir is unchanged (nothing was published)", file=sys.stderr
+        )
+        return 130
     return 0
 
 

@@ -508,6 +508,8 @@ def evaluate_command(job: JobConfig, global_dir: str) -> str:
     test_file = Path(job.data_dir).resolve() / "test.json"
     script = REPO_DIR / "run_inference.py"
     args = [sys.executable, str(script), "--model_path", global_dir or "<global_model_hf>"]
+    if not test_file.is_file():  # prepared with --test_fraction 0: the user has a held-out file of their own
+        return shlex.join(args) + " --data_file <your held-out file> (no test.json: --test_fraction was 0)"
     return shlex.join([*args, "--data_file", str(test_file)])
 
 

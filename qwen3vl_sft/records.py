@@ -37,12 +37,27 @@ _NO_STOP = 1 << 62  # "read to the end" as a byte offset, so the hot loop compar
 _MIN_SPLIT_BYTES = 1 << 24  # smaller files are read by one process: forking would cost more
 
 # Reasons a record is skipped (counted, not fatal); the manifest reports them under these names.
+# One rule for prepare_data.py and the training loader (both call :func:`inspect_record`):
+#   not_an_object / no_conversations / malformed_turn (a turn that is not {"from", "value": str}),
+#   unknown_role (a "from" other than human / gpt: it would reach the chat template as is),
+#   no_human_turn / no_gpt_turn, answer_without_question (a gpt turn with no human turn since the
+#   previous answer, e.g. a conversation opening with the assistant: it would be trained as an answer
+#   to nothing), empty_answer (blank gpt value: trains the model to say nothing), empty_question (a
+#   human turn with neither text nor an image), placeholder_in_answer ("<image>" inside a gpt turn:
+#   the image would be fed as the model's own output), empty_image_list, too_many_placeholders,
+#   image_outside_root, missing_image.  A trailing question without an answer is kept: nothing in it
+#   is supervised, and the answers before it are still good.
 SKIP_REASONS = (
     "not_an_object",
     "no_conversations",
     "malformed_turn",
+    "unknown_role",
     "no_human_turn",
     "no_gpt_turn",
+    "answer_without_question",
+    "empty_answer",
+    "empty_question",
+    "placeholder_in_answer",
     "empty_image_list",
     "too_many_placeholders",
     "image_outside_root",
@@ -84,25 +99,55 @@ def inspect_record(record: Any) -> tuple[str | None, int]:
     turns = record.get("conversations")
     if not turns or not isinstance(turns, list):
         return "no_conversations", 0
-    human = gpt = False
-    placeholders = 0
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            return "malformed_turn", 0
-        role = turn.get("from")
-        if role == "human":
-            human = True
-            placeholders += turn["value"].count(PLACEHOLDER)
-        elif role == "gpt":
-            gpt = True
-    if not human or not gpt:
-        return ("no_gpt_turn" if human else "no_human_turn"), 0
+    reason, placeholders, blank_questions = _check_turns(turns)
+    if reason:
+        return reason, 0
     images = image_list(record)
     if not images or not all(isinstance(p, str) and p for p in images):
         return "empty_image_list", 0
     if placeholders > len(images):  # a spare placeholder would show which image? not repairable
         return "too_many_placeholders", 0
-    return None, len(images) - placeholders
+    missing = len(images) - placeholders
+    # Missing placeholders go into the first human turn, so a blank first question still shows an image.
+    if blank_questions and (blank_questions[0] > 0 or not missing):
+        return "empty_question", 0
+    return None, missing
+
+
+def _check_turns(turns: list) -> tuple[str | None, int, list[int]]:
+    """(skip reason or None, <image> count in human turns, indices among the human turns of those
+    with neither text nor an image) for a non-empty ``conversations`` list.
+    """
+    humans = answers = placeholders = 0
+    blank: list[int] = []
+    problem = None  # the first answer-level problem; structural ones return at once
+    asked = False  # a human turn came since the last answer
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return "malformed_turn", 0, blank
+        role, value = turn.get("from"), turn["value"]
+        if role == "human":
+            count = value.count(PLACEHOLDER)
+            if not count and (not value or value.isspace()):
+                blank.append(humans)
+            placeholders += count
+            humans += 1
+            asked = True
+        elif role == "gpt":
+            if problem is None:
+                if not asked:
+                    problem = "answer_without_question"
+                elif not value or value.isspace():
+                    problem = "empty_answer"
+                elif PLACEHOLDER in value:
+                    problem = "placeholder_in_answer"
+            answers += 1
+            asked = False
+        else:
+            return "unknown_role", 0, blank
+    if not humans or not answers:
+        return ("no_gpt_turn" if humans else "no_human_turn"), 0, blank
+    return problem, placeholders, blank
 
 
 def check_record(record: Any) -> str | None:
@@ -202,11 +247,17 @@ class ImageIndex:
         full = resolve_image_path(self.root, path, record.get("id", "?"))
         return os.path.relpath(full, self.root).replace(os.sep, "/")
 
+    def key(self, path: str, record: dict) -> str:
+        """The name ``path`` (of a record :meth:`problem` accepted) has under the root, so that
+        ``./images/a.jpg`` and ``images/a.jpg`` are recognised as one image.
+        """
+        return self._relative(path, record) if _needs_normalising(path) else path
+
     def problem(self, record: dict) -> str | None:
         """``"image_outside_root"``, ``"missing_image"`` or None for the images of ``record``."""
         images = record.get("image")
         for path in (images,) if isinstance(images, str) else images:
-            if path[0] in "/\\" or ".." in path or "\\" in path or "//" in path or "./" in path:
+            if _needs_normalising(path):
                 try:  # rare: a path that needs normalising; the common clean case skips normpath
                     path = self._relative(path, record)
                 except DataError:
@@ -217,6 +268,11 @@ class ImageIndex:
                 if name not in (self._names_in(folder) if names is None else names):
                     return "missing_image"
         return None
+
+
+def _needs_normalising(path: str) -> bool:
+    """True for the rare path that is not already a clean relative name (the common case skips normpath)."""
+    return path[0] in "/\\" or ".." in path or "\\" in path or "//" in path or "./" in path
 
 
 # --------------------------------------------------------------------------- streaming reader

@@ -94,6 +94,9 @@ def test_a_busy_master_port_is_replaced_by_a_free_one(capsys):
 def test_the_printed_commands_are_quoted_and_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = JobConfig(data_dir="my data", export_dir="out dir")
+    assert "no test.json: --test_fraction was 0" in fl_job.evaluate_command(job, "/ws/g")
+    (tmp_path / "my data").mkdir()
+    (tmp_path / "my data" / "test.json").write_text("[]")
     command = shlex.split(fl_job.evaluate_command(job, "/ws/global model_hf"))
     assert command == [sys.executable, str(Path(fl_job.REPO_DIR) / "run_inference.py"), "--model_path",
                        "/ws/global model_hf", "--data_file", str(tmp_path / "my data" / "test.json")]  # fmt: skip

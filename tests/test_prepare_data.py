@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from qwen3vl_sft.records import ensure_image_placeholders
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ["CT", "MRI", "X-Ray", "Ultrasound", "Microscopy"]
 BODY_PARTS = ["Chest", "Head", "Abdomen", "Pelvis"]
-N_IMAGES = 12  # records share a few tiny images: enough for existence checks, cheap to make
+MAX_IMAGES = 3  # images per record: 1..3, each record its own (records sharing one are linked)
 
 
 def good_record(i: int) -> dict:
@@ -32,7 +33,7 @@ def good_record(i: int) -> dict:
     question = "<image>\nWhat is shown?" if i % 5 == 0 and n == 1 else f"Question {i}: what is shown (5 μm)?"
     return {
         "id": f"r{i}",
-        "image": [f"images/img{(i + k) % N_IMAGES}.jpg" for k in range(n)],
+        "image": [f"images/img{i}_{k}.jpg" for k in range(n)],
         "conversations": [
             {"from": "human", "value": question},
             {"from": "gpt", "value": f"Answer {i}. " * 5},
@@ -43,10 +44,10 @@ def good_record(i: int) -> dict:
 
 
 BAD_RECORDS = {
-    "no_conversations": {"id": "b1", "image": ["images/img0.jpg"], "conversations": []},
+    "no_conversations": {"id": "b1", "image": ["images/img0_0.jpg"], "conversations": []},
     "no_gpt_turn": {
         "id": "b2",
-        "image": ["images/img0.jpg"],
+        "image": ["images/img0_0.jpg"],
         "conversations": [{"from": "human", "value": "q"}],
     },
     "empty_image_list": {
@@ -67,14 +68,26 @@ BAD_RECORDS = {
 }
 
 
-def make_images(folder: Path) -> None:
+def tiny_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 0, 0)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def image_names(n: int) -> list[str]:
+    return [f"img{i}_{k}.jpg" for i in range(n) for k in range(MAX_IMAGES)]
+
+
+def make_images(folder: Path, n: int = 120) -> None:
+    """The images of records r0 .. r{n-1} (one JPEG's bytes under every name: paths are what counts)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for k in range(N_IMAGES):
-        Image.new("RGB", (4, 4), (k * 20, 0, 0)).save(folder / f"img{k}.jpg")
+    data = tiny_jpeg()
+    for name in image_names(n):
+        (folder / name).write_bytes(data)
 
 
 def write_dataset(root: Path, n: int = 120, bad: bool = True, jsonl: bool = False) -> Path:
-    make_images(root / "images")
+    make_images(root / "images", n)
     data = [good_record(i) for i in range(n)]
     if bad:
         data[3:3] = BAD_RECORDS.values()
@@ -399,21 +412,21 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
 def test_image_zips_are_extracted_into_images(tmp_path):
     root = tmp_path / "PubMedVision"
     root.mkdir()
-    jpeg = tmp_path / "one.jpg"
-    Image.new("RGB", (4, 4)).save(jpeg)
+    names = image_names(120)
+    half = len(names) // 2
     with zipfile.ZipFile(root / "images_0.zip", "w") as zf:  # paths with a leading images/ folder
-        for k in range(0, 6):
-            zf.write(jpeg, f"images/img{k}.jpg")
+        for name in names[:half]:
+            zf.writestr(f"images/{name}", tiny_jpeg())
         zf.writestr("images/", "")
     with zipfile.ZipFile(root / "images_1.zip", "w") as zf:  # bare names, and one hostile path
-        for k in range(6, N_IMAGES):
-            zf.write(jpeg, f"img{k}.jpg")
+        for name in names[half:]:
+            zf.writestr(name, tiny_jpeg())
         zf.writestr("../evil.jpg", "x")
     data = write_dataset(tmp_path / "tmp")  # records + images elsewhere; only the records are used
     (root / "data.json").write_bytes(data.read_bytes())
     out = tmp_path / "data"
     assert run(root / "data.json", out)[0] == 0
-    assert sorted(os.listdir(root / "images")) == sorted(f"img{k}.jpg" for k in range(N_IMAGES))
+    assert sorted(os.listdir(root / "images")) == sorted(names)
     assert not (tmp_path / "evil.jpg").exists() and not (root / "evil.jpg").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["usable_records"] == 120  # every good record found its images
@@ -433,7 +446,7 @@ def test_hub_download_is_exported_once_and_used(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.chdir(tmp_path)
-    make_images(tmp_path / "PubMedVision" / "images")
+    make_images(tmp_path / "PubMedVision" / "images", 30)
     rc, stdout, _ = run("", "data", capsys=capsys)
     assert rc == 0, stdout
     assert calls == [

@@ -140,6 +140,45 @@ def test_check_record_reasons(record, reason):
     assert reason is None or reason in records.SKIP_REASONS
 
 
+def turns(*pairs: tuple[str, str], n_images: int = 1) -> dict:
+    return {**rec(0, n_images=n_images), "conversations": [{"from": f, "value": v} for f, v in pairs]}
+
+
+# Degenerate conversations that would train the model on nothing, or on an answer to nothing.
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (turns(("human", "q"), ("gpt", "")), "empty_answer"),
+        (turns(("human", "q"), ("gpt", " \n\t ")), "empty_answer"),
+        (turns(("human", "q1"), ("gpt", "a1"), ("human", "q2"), ("gpt", "  ")), "empty_answer"),
+        (turns(("gpt", "Hello."), ("human", "q"), ("gpt", "a")), "answer_without_question"),
+        (turns(("human", "q"), ("gpt", "a"), ("gpt", "and more")), "answer_without_question"),
+        (turns(("human", "q"), ("gpt", "a"), ("human", "  "), ("gpt", "b")), "empty_question"),
+        (turns(("human", ""), ("gpt", "a"), ("human", "<image>\nq2"), ("gpt", "b")), "empty_question"),
+        (turns(("human", "q"), ("gpt", "See <image> here.")), "placeholder_in_answer"),
+        (turns(("human", "q"), ("assistant", "a")), "unknown_role"),
+        (turns(("system", "be nice"), ("human", "q"), ("gpt", "a")), "unknown_role"),
+        (turns(("gpt", "a")), "no_human_turn"),
+        # kept: the image goes into the empty first question; a trailing question supervises nothing
+        (turns(("human", ""), ("gpt", "a")), None),
+        (turns(("human", "<image>"), ("gpt", "a")), None),
+        (turns(("human", "q"), ("gpt", "a"), ("human", "q2")), None),
+        (turns(("human", "q"), ("human", "more context"), ("gpt", "a")), None),
+    ],
+)
+def test_degenerate_conversations_are_skip_reasons(record, reason):
+    assert check_record(record) == reason
+    assert reason is None or reason in records.SKIP_REASONS
+
+
+def test_the_training_loader_counts_the_same_skip_reasons():
+    """valid_records (what the training loader calls) applies the same rule as prepare_data."""
+    bad = [turns(("human", "q"), ("gpt", " ")), turns(("gpt", "hi"), ("human", "q"), ("gpt", "a"))]
+    kept, skipped = records.valid_records([rec(1), *bad, rec(2)])
+    assert [r["id"] for r in kept] == ["r1", "r2"]
+    assert skipped == {"empty_answer": 1, "answer_without_question": 1}
+
+
 @pytest.mark.parametrize(
     ("question", "n_images", "expected"),
     [
@@ -164,15 +203,15 @@ def test_placeholders_go_into_the_first_human_turn_and_string_images_become_list
     record = {
         "image": "images/a.jpg",
         "conversations": [
-            {"from": "gpt", "value": "Hello."},
             {"from": "human", "value": "Q1"},
             {"from": "gpt", "value": "A1"},
             {"from": "human", "value": "Q2"},
+            {"from": "gpt", "value": "A2"},
         ],
     }
     fixed = ensure_image_placeholders(record)
     assert fixed["image"] == ["images/a.jpg"]
-    assert [t["value"] for t in fixed["conversations"]] == ["Hello.", "<image>\nQ1", "A1", "Q2"]
+    assert [t["value"] for t in fixed["conversations"]] == ["<image>\nQ1", "A1", "Q2", "A2"]
 
 
 SPLICE_CASES = [
@@ -180,7 +219,7 @@ SPLICE_CASES = [
     rec(1, "Größe 5 μm? “quoted” \\ back/slash", n_images=2),
     rec(2, "😀 emoji", n_images=3),
     rec(3, "", n_images=1),  # empty question
-    {**rec(4), "conversations": [{"value": "Same", "from": "gpt"}, {"from": "human", "value": "Same"}]},
+    {**rec(4), "conversations": [{"value": "Same", "from": "human"}, {"from": "gpt", "value": "Same"}]},
     {**rec(5), "conversations": [{"from": "human", "value": "Echo"}, {"from": "gpt", "value": "Echo"}]},
     {**rec(6), "note": {"value": "What is shown?"}},  # a look-alike "value" key before the turns
 ]
