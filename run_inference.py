@@ -18,10 +18,18 @@
         --data_file PubMedVision_synth/PubMedVision_InstructionTuning_VQA.json --max_samples 64 \\
         --max_new_tokens 8
 
+    # the seed's commands: one model alone (it records no base), or the server's HF directory (its base
+    # is recorded in fl_checkpoint.json), or the .pt with the base named
+    python run_inference.py --model_path Qwen/Qwen3-VL-2B-Instruct \
+        --data_file ./data/site-1/train.json --image_root ./PubMedVision --max_samples 1
+
 A checkpoint is an HF id or directory, an NVFlare ``FL_global_model.pt`` (full or LoRA), or a LoRA adapter
-directory; the kind is detected (see qwen3vl_sft/inference.py). Per checkpoint the table shows the mean
-teacher-forced loss on the ground-truth answers, ROUGE-L, token F1 and exact-match accuracy on short
-answers; report.json / report.csv / report.png / answers.jsonl go to --output_dir.
+directory; the kind is detected (see qwen3vl_sft/inference.py). The "base" row is --base_model or the base
+the checkpoint records, never a default hub id. Per checkpoint the table shows the mean teacher-forced
+loss on the ground-truth answers, ROUGE-L, token F1 and exact-match accuracy on short answers, and the
+records skipped for a defective image (the same for every checkpoint); report.json / report.csv /
+report.png / answers.jsonl go to --output_dir. Flags that cannot work are refused before any model loads
+(exit code 2); Ctrl-C stops with exit code 130.
 """
 
 from __future__ import annotations
@@ -29,14 +37,24 @@ from __future__ import annotations
 import logging
 import sys
 
-from qwen3vl_sft import inference
-from qwen3vl_sft.config import InferenceConfig, parse
-
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # one line instead of a traceback from wherever generation was
+        print("interrupted (Ctrl-C): stopped, no report written", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
+    # Imported here so that Ctrl-C during the slow torch/transformers import also ends in one line.
+    from qwen3vl_sft import inference
+    from qwen3vl_sft.config import InferenceConfig, parse
+
     (cfg,) = parse((InferenceConfig,), argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        inference.check_flags(cfg)
         inference.ensure_output_dir(cfg.output_dir)
         checkpoints = inference.requested_checkpoints(cfg)
         for ckpt in checkpoints:
@@ -48,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. answers, sample by sample, in the seed's layout
     shown = len(dataset.records) if cfg.show_samples < 0 else cfg.show_samples
-    print(f"\nRunning inference on {len(dataset.records)} sample(s)\n")
+    skipped = (
+        f" ({len(dataset.image_skips)} skipped: defective images, see the log)" if dataset.image_skips else ""
+    )
+    print(f"\nRunning inference on {len(dataset.records)} sample(s){skipped}\n")
     for i, record in enumerate(dataset.records[:shown]):
         answers = {r.checkpoint.label: r.answers[i] for r in results}
         print(inference.format_sample(i + 1, record, dataset.builder.image_paths(record), answers))

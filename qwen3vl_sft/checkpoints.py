@@ -9,6 +9,13 @@ The server never instantiates the model: initial tensors are read from the base 
 safetensors by name, shapes come from a meta-device model, and the HF directory is written shard by
 shard (base shard + exchanged tensors replacing theirs), so the server holds at most one shard
 beyond the exchanged tensors.  LoRA global models become PEFT adapter directories.
+
+Each HF directory also holds ``fl_checkpoint.json`` (:data:`FL_RECORD`), which ``from_pretrained`` and
+PEFT ignore: the base model it was fine-tuned from and the LoRA settings, so that run_inference.py
+can put the right base beside it without assuming one::
+
+    {"format": 1, "kind": "full" | "lora", "base_model": "/abs/base/dir" or "hub/id",
+     "lora": null | {"r": 64, "lora_alpha": 128, "lora_dropout": 0.05, "target_modules": [...]}}
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from .config import ModelConfig
 from .fileio import atomic_dir
 from .weights import EXCHANGE_DTYPE, checkpoint_name, exchanged_tensors, is_peft, meta_model
 
+FL_RECORD = "fl_checkpoint.json"
 PROCESSOR_FILES = (
     "config.json", "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.json",
     "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -119,16 +127,46 @@ def _write_full_model(tensors: dict[str, torch.Tensor], base: Path, out: Path) -
 def _write_adapter(tensors: dict[str, torch.Tensor], model_config: ModelConfig, out: Path) -> None:
     from .modeling import lora_config
 
-    lora_config(model_config, base_model_name_or_path=model_config.model_name_or_path).save_pretrained(
-        str(out)
-    )
+    lora_config(model_config, base_model_name_or_path=recorded_base(model_config)).save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "adapter_model.safetensors")
+
+
+def recorded_base(model_config: ModelConfig) -> str:
+    """The base as it is recorded: a local directory absolute (readers run from other folders)."""
+    name = model_config.model_name_or_path
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def fl_record(model_config: ModelConfig) -> dict:
+    """The content of :data:`FL_RECORD` for a global model of ``model_config``."""
+    lora = None
+    if model_config.lora:
+        lora = {
+            "r": model_config.lora_r,
+            "lora_alpha": model_config.lora_alpha,
+            "lora_dropout": model_config.lora_dropout,
+            "target_modules": model_config.lora_targets(),
+        }
+    kind = "lora" if model_config.lora else "full"
+    return {"format": 1, "kind": kind, "base_model": recorded_base(model_config), "lora": lora}
+
+
+def read_fl_record(folder: str | os.PathLike) -> dict:
+    """:data:`FL_RECORD` of an HF directory ({} when it has none: not written by the server)."""
+    path = Path(folder) / FL_RECORD
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return record
 
 
 def write_hf_directory(
     tensors: dict[str, torch.Tensor], model_config: ModelConfig, out: str | os.PathLike
 ) -> Path:
-    """Write the global model as an HF model directory (full) or PEFT adapter directory (LoRA), atomically."""
+    """Write the global model as an HF model directory (full) or PEFT adapter directory (LoRA), atomically,
+    with :data:`FL_RECORD` naming its base."""
     base = base_model_dir(model_config.model_name_or_path)
     with atomic_dir(out) as tmp:
         tmp_path = Path(tmp)
@@ -140,6 +178,7 @@ def write_hf_directory(
             _write_adapter(tensors, model_config, tmp_path)
         else:
             _write_full_model(tensors, base, tmp_path)
+        (tmp_path / FL_RECORD).write_text(json.dumps(fl_record(model_config), indent=2) + "\n")
     return Path(out)
 
 

@@ -120,9 +120,21 @@ class DataConfig:
     max_pixels: int = _f(50176, "Upper bound on pixels per image after resizing (recipe: 50176 = 224*224).")
     min_pixels: int = _f(784, "Lower bound on pixels per image after resizing (recipe: 784 = 28*28).")
     max_bad_sample_fraction: float = _f(
-        0.05, "Abort the round when more than this fraction of samples has a missing or corrupt image."
+        0.05,
+        "Abort the round when more than this fraction of samples has a defective image (missing, empty, "
+        "not an image, truncated, too large, aspect ratio beyond 200:1, outside the image root).",
     )
-    max_image_side: int = _f(16384, "Images whose width or height exceeds this are refused before decoding.")
+    max_image_side: int = _f(
+        16384,
+        "Images whose width or height exceeds this are skipped, refused from the file header before "
+        "decoding (see also --max_image_pixels).",
+    )
+    max_image_pixels: int = _f(
+        50_000_000,
+        "Images with more pixels (width x height) than this are skipped, refused from the file header "
+        "before decoding (a 12000x12000 PNG took 2.6 GB and 10 s to decode and resize). The default, "
+        "50 M (e.g. 8000x6250), is far above real PubMedVision images (a few thousand pixels a side).",
+    )
     dataloader_num_workers: int = _f(2, "Worker processes that load and resize images.")
     cache_samples: bool = _f(
         False,
@@ -130,6 +142,13 @@ class DataConfig:
         "for small shards and CPU runs, where building samples costs as much as training on them.",
     )
     system_prompt: str = _f("", "Optional system message prepended to every conversation.")
+    val_generate_samples: int = _f(
+        32,
+        "Validation generates an answer for every record whose answer is short (<= 4 words: exact-match "
+        "accuracy) and for at most this many long-answer records (ROUGE-L, token F1); 0 = none. "
+        "Generating paragraphs is what makes validation slow; the loss covers every record.",
+    )
+    val_max_new_tokens: int = _f(128, "Maximum tokens of a generated long validation answer.")
 
 
 @dataclass
@@ -270,15 +289,24 @@ class InferenceConfig:
     model_path: str = _f("", "The fine-tuned checkpoint (seed flag), compared as 'fine-tuned'.")
     base_model: str = _f(
         "",
-        "Architecture and processor for .pt files and adapters, and the 'base' row. Default: the base named "
-        f"in the checkpoint (.pt meta, adapter_config.json), else {DEFAULT_MODEL}.",
+        "Architecture and processor for .pt files and adapters, and the 'base' row. Default: the base "
+        "recorded in the checkpoint (.pt meta, adapter_config.json, fl_checkpoint.json of the server's HF "
+        "directories); a checkpoint that records none is evaluated alone (a .pt or adapter then needs it).",
     )
     compare_base: bool = _f(True, "Also evaluate the base model, as the row labelled 'base'.")
     data_file: str = _f(
         "./data/test.json", "Held-out PubMedVision-format records (prepare_data.py's test.json)."
     )
     image_root: str = _f("", "Directory image paths are relative to (default: as for training).")
-    max_samples: int = _f(200, "Evaluate the first N usable records (0 = all).")
+    max_samples: int = _f(
+        200, "Evaluate the first N usable records (0 = all); records with a defective image are skipped."
+    )
+    max_image_side: int = _f(
+        DataConfig.max_image_side, "As for training: images with a longer side are skipped."
+    )
+    max_image_pixels: int = _f(
+        DataConfig.max_image_pixels, "As for training: images with more pixels are skipped (from the header)."
+    )
     max_new_tokens: int = _f(256, "Maximum tokens per generated answer.")
     batch_size: int = _f(8, "Samples per generation / loss batch (left-padded for generation).")
     device: str = _f("auto", "auto = cuda when available, else cpu; or any torch device string.")

@@ -7,9 +7,14 @@ The path is one-way: record -> chat messages (images in the order of their ``<im
 / ``pixel_values`` / ``image_grid_thw`` -> padded batch.  Every token id is read from the processor;
 nothing is hard-coded, so the real Qwen3-VL tokenizer and the tiny offline one behave the same.
 
-Images are opened lazily inside DataLoader workers.  A missing or corrupt image skips that sample
-with a warning naming it; the collator counts skips so the trainer can report them and abort when
-too many fail.
+Images are opened lazily inside DataLoader workers, under one rule shared by every path that opens
+them (training samples, evaluation prompts, run_inference): :meth:`SampleBuilder.load_images`. A
+defective image (missing, not a regular file, 0 bytes, not an image, over --max_image_side or
+--max_image_pixels or beyond the processor's 200:1 aspect ratio -- all three read from the header,
+before decoding --, a decompression bomb, truncated or corrupt, outside the image root) makes its
+record a :class:`SkipSample` of kind "image" with a one-line reason naming the record and the file.
+The collator counts skips so the trainer can report them and abort when too many fail; evaluation
+drops the same records for every checkpoint and counts them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ import argparse
 import json
 import logging
 import os
+import stat
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,20 +76,73 @@ def count_images(messages: list[dict]) -> int:
     return sum(item["type"] == "image" for m in messages for item in m["content"])
 
 
-def open_image(path: Path, max_side: int) -> Image.Image:
-    """Decode an image as RGB, refusing oversized ones from the header alone (decompression bombs)."""
+# transformers' Qwen2-VL/Qwen3-VL ``smart_resize`` raises ValueError beyond this width:height ratio (either
+# way); it handles any small side (a 1x1 image is upscaled), so the aspect ratio is its only image limit.
+QWEN_MAX_ASPECT_RATIO = 200
+# PIL decoders raise all of these for damaged files (a truncated PNG: SyntaxError or zlib.error, a cut
+# JPEG: OSError, a bad header field: struct.error or ValueError ...).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+class ImageDefect(rec.DataError):
+    """An image file the shared image rule refuses (message: the file and why, one line)."""
+
+
+def _refusal_from_header(size: tuple[int, int], config: DataConfig) -> str | None:
+    """Why an image of ``size`` pixels is refused before decoding, or None."""
+    width, height = size
+    if max(width, height) > config.max_image_side:
+        return f"{width}x{height} pixels exceeds max_image_side {config.max_image_side}"
+    if width * height > config.max_image_pixels:
+        return f"{width}x{height} = {width * height:,} pixels exceeds max_image_pixels {config.max_image_pixels:,}"
+    if min(width, height) < 1 or max(width, height) / min(width, height) > QWEN_MAX_ASPECT_RATIO:
+        return (
+            f"{width}x{height} pixels: aspect ratio beyond the {QWEN_MAX_ASPECT_RATIO}:1 "
+            "the Qwen3-VL image processor accepts"
+        )
+    return None
+
+
+def open_image(path: str | os.PathLike, config: DataConfig) -> Image.Image:
+    """Decode an image as RGB under the shared image rule, or raise :class:`ImageDefect` naming the file.
+
+    Refused: missing, not a regular file (a FIFO would block the reader), 0 bytes, not an image, over
+    ``max_image_side`` / ``max_image_pixels`` or beyond the processor's aspect ratio (all read from the
+    header, before any pixel is decoded), a PIL decompression bomb, truncated or corrupt pixel data.
+    """
     try:
-        with Image.open(path) as image:  # reads the header only
-            if max(image.size) > max_side:
-                raise rec.DataError(
-                    f"{path}: {image.size[0]}x{image.size[1]} pixels exceeds max_image_side {max_side}"
-                )
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageDefect(f"{path}: does not exist") from None
+    except OSError as err:  # e.g. a folder on the way without permission
+        raise ImageDefect(f"{path}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageDefect(f"{path}: is not a regular file")
+    if info.st_size == 0:
+        raise ImageDefect(f"{path}: is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between 89 M and 179 M pixels; our max_image_pixels decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as err:
+        raise ImageDefect(f"{path}: {err}") from None
+    except DECODE_ERRORS as err:
+        raise ImageDefect(f"{path}: not an image PIL can read ({_one_line(err)})") from None
+    with image:
+        refusal = _refusal_from_header(image.size, config)
+        if refusal:
+            raise ImageDefect(f"{path}: {refusal}")
+        try:
             image.load()
             return image.convert("RGB")
-    except OSError as err:  # e.g. a truncated JPEG: PIL's message does not always name the file
-        if str(path) in str(err):
-            raise
-        raise OSError(f"{path}: {err}") from err
+        except DECODE_ERRORS as err:
+            raise ImageDefect(f"{path}: truncated or corrupt image data ({_one_line(err)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -159,7 +221,15 @@ class SampleBuilder:
         return [rec.resolve_image_path(self.image_root, path, record.get("id")) for path in record["image"]]
 
     def load_images(self, record: dict) -> list:
-        return [open_image(path, self.config.max_image_side) for path in self.image_paths(record)]
+        """The record's images, decoded under the one image rule of every path that opens images
+        (training, validation, run_inference): any defect is a :class:`SkipSample` of kind "image"
+        naming the record and the file."""
+        try:
+            return [open_image(path, self.config) for path in self.image_paths(record)]
+        except ImageDefect as err:
+            raise SkipSample(f"record {record.get('id')!r}: image {err}") from None
+        except rec.DataError as err:  # an image path outside the image root (the message names the record)
+            raise SkipSample(str(err)) from None
 
     def prompt(self, record: dict) -> tuple[list[dict], list]:
         """Messages up to the record's first question (as training renders them) and their images."""
@@ -169,10 +239,7 @@ class SampleBuilder:
 
     def __call__(self, record: dict) -> dict[str, torch.Tensor]:
         messages = to_messages(record, self.config.system_prompt)
-        try:
-            images = self.load_images(record)
-        except (rec.DataError, OSError, Image.DecompressionBombError) as err:
-            raise SkipSample(f"record {record.get('id')!r}: {err}") from err
+        images = self.load_images(record)
         if count_images(messages) != len(images):
             raise SkipSample(
                 f"record {record.get('id')!r}: {len(images)} images but a different placeholder count"
@@ -215,6 +282,29 @@ class RecordDataset(torch.utils.data.Dataset):
         self.records = records
         self.builder = builder
         self.cache: dict[int, dict] | None = {} if cache else None
+        self.image_skips: list[str] = []  # reasons of the records screen() dropped
+
+    def screen(self, limit: int = 0) -> list[str]:
+        """Keep only records whose images all pass the image rule (the first ``limit`` such when > 0).
+
+        Evaluation screens before it starts, so that the loss, the generated answers and every
+        compared checkpoint cover the same records. Each dropped record is logged; the reasons are
+        returned and kept in ``image_skips``.
+        """
+        kept = []
+        for record in self.records:
+            if limit and len(kept) == limit:
+                break
+            try:
+                self.builder.load_images(record)
+            except SkipSample as err:
+                logger.warning("Skipping record: %s", err)
+                self.image_skips.append(str(err))
+                continue
+            kept.append(record)
+        self.records = kept
+        self.cache = {} if self.cache is not None else None  # indices changed
+        return self.image_skips
 
     def __len__(self) -> int:
         return len(self.records)
@@ -226,7 +316,7 @@ class RecordDataset(torch.utils.data.Dataset):
             return self.builder(self.records[index])
         except SkipSample as err:
             logger.warning("Skipping sample: %s", err)
-            return {"skipped": err.kind}
+            return {"skipped": err.kind, "reason": str(err)}
 
     def fill_cache(self, num_workers: int) -> None:
         """Build every sample once, in parallel (workers cannot fill the parent's dict themselves)."""
@@ -281,16 +371,78 @@ class Collator:
 
 def resolve_image_root(config: DataConfig, data_path: Path) -> Path:
     """--image_root if given; else the source image root prepare_data recorded in the shard set's
-    manifest.json (shards live away from the images); else the data file's own folder."""
+    manifest.json (shards live away from the images); else the data file's own folder.
+
+    A root that does not exist is a DataError naming it: otherwise every image would be a skip.
+    """
     if config.image_root:
-        return Path(config.image_root)
+        root = Path(config.image_root)
+        if not root.is_dir():
+            raise rec.DataError(
+                f"--image_root {config.image_root}{_absolute_hint(root)} does not exist or is not a folder; "
+                "pass the folder that holds the data file's images/ (e.g. your PubMedVision clone)"
+            )
+        return root
+    data_path = Path(os.path.abspath(data_path))  # "train.json".parent.parent would be "." again
     for folder in (data_path.parent, data_path.parent.parent):
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            info = json.loads(manifest.read_text(encoding="utf-8"))
-            root = info.get("image_root") or info["config"].get("image_root")
-            return Path(root) if root else Path(info["source"]["path"]).parent
+            return _manifest_image_root(manifest)
     return data_path.parent
+
+
+def _absolute_hint(path: Path) -> str:
+    return "" if path.is_absolute() else f" (= {path.absolute()})"
+
+
+def _manifest_image_root(manifest: Path) -> Path:
+    """The image root a manifest records, as an existing absolute path (DataError if none exists)."""
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+        # prepare_data's default root is the source data file's folder (recorded absolute)
+        recorded = (
+            info.get("image_root")
+            or info["config"].get("image_root")
+            or str(Path(info["source"]["path"]).parent)
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise rec.DataError(
+            f"{manifest}: unreadable manifest ({_one_line(err)}); pass --image_root"
+        ) from None
+    candidates = (
+        [Path(recorded)] if os.path.isabs(recorded) else [d / recorded for d in _prepare_dirs(info, manifest)]
+    )
+    for root in candidates:
+        if root.is_dir():
+            return Path(os.path.normpath(root))
+    tried = ", ".join(os.path.normpath(c) for c in candidates)
+    raise rec.DataError(
+        f"{manifest}: its image root {recorded!r} does not exist here (looked for {tried}); "
+        "pass --image_root <folder holding the images/ folder>"
+    )
+
+
+def _prepare_dirs(info: dict, manifest: Path) -> list[Path]:
+    """Folders a relative path in an old manifest may be relative to, most likely first.
+
+    Such a path was relative to the folder prepare_data ran in, which old manifests do not record;
+    it is recovered from a recorded relative path whose absolute form is known (the manifest's
+    own --output_dir, the source --data_file). The manifest's folder is the last resort.
+    """
+    config = info.get("config") or {}
+    known = [(config.get("output_dir"), manifest.parent)]
+    source = (info.get("source") or {}).get("path")
+    if source:
+        known.append((config.get("data_file"), Path(source)))
+    found = []
+    for relative, absolute in known:
+        if not relative or os.path.isabs(relative):
+            continue
+        parts = Path(os.path.normpath(relative)).parts
+        if ".." in parts or (parts and absolute.parts[-len(parts) :] != parts):
+            continue
+        found.append(Path(*absolute.parts[: len(absolute.parts) - len(parts)]) if parts else absolute)
+    return [*dict.fromkeys(found), manifest.parent]
 
 
 def build_dataset(processor, config: DataConfig, data_path: str | None = None) -> RecordDataset:
@@ -298,12 +450,12 @@ def build_dataset(processor, config: DataConfig, data_path: str | None = None) -
     path = Path(data_path or config.data_path)
     if not path.is_file():
         raise rec.DataError(f"data file {path} does not exist; create the site shards with prepare_data.py")
+    image_root = resolve_image_root(config, path)  # before reading records: a wrong root fails at once
     records, skipped = rec.valid_records(rec.load_records(path))
     if skipped:
         logger.warning("%s: skipped %d invalid records %s", path, sum(skipped.values()), dict(skipped))
     if not records:
         raise rec.DataError(f"{path}: no usable records (skipped: {dict(skipped)})")
-    image_root = resolve_image_root(config, path)
     return RecordDataset(records, SampleBuilder(processor, config, image_root), cache=config.cache_samples)
 
 

@@ -13,6 +13,7 @@ Flags the user sets explicitly win; only values still at their defaults are repl
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from . import synthetic, tiny
@@ -76,6 +77,17 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _no_nan(obj):
+    """``obj`` with NaN as None: JSON has no NaN (Python would write an invalid file)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
 def report_demo(job: JobConfig, model: ModelConfig, data: DataConfig, summary) -> dict:
     """Before/after table on the held-out test set, plus the report files."""
     from .evaluate import evaluate_model_dir
@@ -92,10 +104,13 @@ def report_demo(job: JobConfig, model: ModelConfig, data: DataConfig, summary) -
         "rounds": summary.rows,
         "global_model_dir": summary.global_model_dir,
     }
-    (out / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "demo_results.json").write_text(json.dumps(_no_nan(result), indent=2) + "\n")
     print(f"\nHeld-out test set ({test_file}, {after['samples']} samples)")
-    print(f"{'model':<22}{'loss':>10}{'accuracy':>10}")
+    print(f"{'model':<22}{'loss':>10}{'accuracy':>10}{'ROUGE-L':>10}")
     for label, scores in (("base (before FL)", before), (f"global (round {job.num_rounds - 1})", after)):
-        print(f"{label:<22}{scores['loss']:>10.4f}{scores['accuracy']:>10.1%}")
+        accuracy = (
+            "n/a" if math.isnan(scores["accuracy"]) else f"{scores['accuracy']:.1%}"
+        )  # no short answers
+        print(f"{label:<22}{scores['loss']:>10.4f}{accuracy:>10}{scores['rouge_l']:>10.4f}")
     print(f"Per-round metrics plot: {out / 'fl_metrics.png'}")
     return result

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import initial_exchanged, write_hf_directory
+from .checkpoints import fl_record, initial_exchanged, write_hf_directory
 from .config import ModelConfig
 from .fileio import atomic_dir, atomic_path, atomic_write_json
 
@@ -165,16 +165,9 @@ class GlobalModelPersistor(_persistor_base()):
             torch.save(data, tmp)
 
     def _file_meta(self) -> dict:
-        cfg = self._model_cfg
-        lora = None
-        if cfg.lora:
-            lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                    "target_modules": cfg.lora_targets()}  # fmt: skip
-        return {
-            "base_model": cfg.model_name_or_path,
-            "lora": lora,
-            "round": getattr(self, "_current_round", None),
-        }
+        record = fl_record(self._model_cfg)  # the same base and LoRA record as global_model_hf/ carries
+        return {"base_model": record["base_model"], "lora": record["lora"],
+                "round": getattr(self, "_current_round", None)}  # fmt: skip
 
     def _state(self, current_round) -> dict:
         return {

@@ -4,15 +4,21 @@ Accepted checkpoints, detected from the path itself (see :func:`detect`):
 
 * ``hf``: an HF hub id or a directory with ``config.json`` (our HF global-model directory included);
   refused unless its ``model_type`` is Qwen3-VL.
-* ``adapter``: a PEFT LoRA adapter directory (``adapter_config.json``); its base is ``--base_model`` or
-  the adapter's ``base_model_name_or_path``.
+* ``adapter``: a PEFT LoRA adapter directory (``adapter_config.json``), e.g. the LoRA job's
+  ``global_model_hf/``.
 * ``pt-full`` / ``pt-lora``: a ``torch.save`` file such as NVFlare's ``FL_global_model.pt``
   (``{"model": {name: tensor}, "meta": {...}}``), read with ``weights_only=True`` so no code is
   unpickled. LoRA when ``meta["lora"]`` says so or the names hold ``lora_A`` / ``lora_B``; rank and
-  targets then come from the meta or the tensors themselves. The base is ``--base_model``, else
-  ``meta["base_model"]``, else the default Qwen3-VL. Names are mapped only by :mod:`.weights`.
+  targets then come from the meta or the tensors themselves. Names are mapped only by :mod:`.weights`.
 
-Every checkpoint answers the same records; models are loaded one at a time and freed after use.
+The base (architecture and processor of adapters and .pt files, and the "base" row) is ``--base_model``,
+else what the checkpoint records: the .pt's ``meta["base_model"]``, the ``fl_checkpoint.json`` the
+federated server writes into its HF directories, an adapter's ``base_model_name_or_path``. Nothing is
+assumed: a checkpoint that records no base is evaluated alone (a hub id as default base row made
+offline runs wait on the hub, then fail).
+
+Every checkpoint answers the same records (screened once for defective images); models are loaded one
+at a time and freed after use.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL, DataConfig, InferenceConfig, ModelConfig
-from .data import RecordDataset, SampleBuilder, build_dataset
+from .checkpoints import read_fl_record
+from .config import DataConfig, InferenceConfig, ModelConfig
+from .data import RecordDataset, SampleBuilder, build_dataset, resolve_image_root
 from .evaluate import evaluate_answers, first_answer, first_question
 from .modeling import (
     ModelError,
@@ -94,20 +101,26 @@ def parse_spec(spec: str) -> Checkpoint:
 
 
 def requested_checkpoints(cfg: InferenceConfig) -> list[Checkpoint]:
-    """The checkpoints named by --model and --model_path, detected, with the base row in front."""
+    """The checkpoints named by --model and --model_path, detected, with the base row in front.
+
+    The base row is --base_model, else the base the checkpoints record; when none does, the
+    checkpoints are evaluated alone and one printed line says so.
+    """
     checkpoints = [parse_spec(s) for s in cfg.model]
     if cfg.model_path:
         checkpoints.append(Checkpoint(label="fine-tuned", path=cfg.model_path))
     checkpoints = [detect(c, cfg) for c in checkpoints]
-    if cfg.compare_base:
-        base = cfg.base_model or next((c.base for c in checkpoints if c.base), DEFAULT_MODEL)
-        paths = {_same_path_key(c.path) for c in checkpoints}
-        if _same_path_key(base) not in paths and "base" not in {c.label for c in checkpoints}:
+    if cfg.compare_base and "base" not in {c.label for c in checkpoints}:
+        base = cfg.base_model or next((c.base for c in checkpoints if c.base), "")
+        if not base and checkpoints:
+            print(
+                f"No base row: {', '.join(c.path for c in checkpoints)} records no base model and "
+                "--base_model is not set, so it is evaluated alone."
+            )
+        elif base and _same_path_key(base) not in {_same_path_key(c.path) for c in checkpoints}:
             checkpoints.insert(0, detect(Checkpoint(label="base", path=base), cfg))
     if not checkpoints:
-        raise CheckpointError(
-            "nothing to evaluate: pass --model LABEL=PATH, --model_path or --compare_base true"
-        )
+        raise CheckpointError("nothing to evaluate: pass --model_path, --model LABEL=PATH or --base_model")
     labels = [c.label for c in checkpoints]
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
     if duplicates:
@@ -137,23 +150,46 @@ def detect(ckpt: Checkpoint, cfg: InferenceConfig) -> Checkpoint:
 def _detect_kind(ckpt: Checkpoint, base_flag: str) -> Checkpoint:
     path = Path(ckpt.path)
     if path.is_dir():
+        recorded = _recorded_base(path)
         if (path / "adapter_config.json").is_file():
-            adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-            base = base_flag or adapter.get("base_model_name_or_path") or DEFAULT_MODEL
+            base = _needs_base(
+                ckpt, base_flag or recorded, "adapter_config.json names no base_model_name_or_path"
+            )
             return Checkpoint(ckpt.label, ckpt.path, "adapter", base)
         if (path / "config.json").is_file():
-            return Checkpoint(ckpt.label, ckpt.path, "hf", base_flag)
+            return Checkpoint(ckpt.label, ckpt.path, "hf", base_flag or recorded)
         raise CheckpointError(
             f"{ckpt.label}: {path} has neither config.json (HF model) nor adapter_config.json (LoRA adapter)"
         )
     if path.is_file():
         tensors, meta = read_weights_file(path)
         lora = bool(meta.get("lora")) or is_lora_state(tensors)
-        base = base_flag or meta.get("base_model") or DEFAULT_MODEL
+        base = _needs_base(ckpt, base_flag or meta.get("base_model") or "", 'its meta names no "base_model"')
         return Checkpoint(ckpt.label, ckpt.path, "pt-lora" if lora else "pt-full", base, meta)
     if HUB_ID.match(ckpt.path) and not ckpt.path.startswith("."):
         return Checkpoint(ckpt.label, ckpt.path, "hf", base_flag)
     raise CheckpointError(f"{ckpt.label}: {ckpt.path} does not exist (and is not an HF hub id)")
+
+
+def _recorded_base(folder: Path) -> str:
+    """The base a directory records: the server's fl_checkpoint.json, else an adapter's config."""
+    try:
+        base = read_fl_record(folder).get("base_model")
+        if not base and (folder / "adapter_config.json").is_file():
+            adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            base = adapter.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{folder}: unreadable checkpoint record ({_first_line(err)})") from err
+    return base if isinstance(base, str) else ""
+
+
+def _needs_base(ckpt: Checkpoint, base: str, why: str) -> str:
+    if not base:
+        raise CheckpointError(
+            f"{ckpt.label}: {ckpt.path} holds only the trained part of a model and {why}; "
+            "pass --base_model <the model it was fine-tuned from>"
+        )
+    return base
 
 
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -222,10 +258,13 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def load_checkpoint(ckpt: Checkpoint, cfg: InferenceConfig, device: torch.device):
-    """(model in eval mode on ``device``, processor) for a detected checkpoint."""
+def load_checkpoint(
+    ckpt: Checkpoint, cfg: InferenceConfig, device: torch.device, data: DataConfig | None = None
+):
+    """(model in eval mode on ``device``, processor) for a detected checkpoint; the processor's pixel
+    limits come from ``data`` (default: :func:`data_config`)."""
     dtype = resolve_dtype(cfg.dtype, cuda=device.type == "cuda")
-    data = data_config(cfg)
+    data = data or data_config(cfg)
     try:
         if ckpt.kind == "hf":
             model = _pretrained(ckpt.path, cfg, dtype, device)
@@ -253,38 +292,84 @@ def _processor_source(ckpt: Checkpoint, cfg: InferenceConfig) -> str:
         not path.is_dir() or any((path / name).is_file() for name in PROCESSOR_MARKERS)
     ):
         return ckpt.path
-    return ckpt.base or cfg.base_model or DEFAULT_MODEL
+    if not (ckpt.base or cfg.base_model):
+        raise CheckpointError(
+            f"{ckpt.label}: {ckpt.path} has no processor files ({', '.join(PROCESSOR_MARKERS)}) and records "
+            "no base model; pass --base_model <the model it was fine-tuned from>"
+        )
+    return ckpt.base or cfg.base_model
 
 
 # --------------------------------------------------------------------------- evaluating
 
 
 def data_config(cfg: InferenceConfig) -> DataConfig:
-    """The data settings evaluation shares with training (processor pixel limits, image root)."""
-    return DataConfig(data_path=cfg.data_file, image_root=cfg.image_root)
+    """The data settings evaluation shares with training (processor pixel limits, image rule, root)."""
+    return DataConfig(
+        data_path=cfg.data_file,
+        image_root=cfg.image_root,
+        max_image_side=cfg.max_image_side,
+        max_image_pixels=cfg.max_image_pixels,
+    )
 
 
-def usable_records(dataset: RecordDataset, max_samples: int) -> list[dict]:
-    """The first ``max_samples`` records whose images all exist (the same for every checkpoint)."""
-    kept, missing = [], 0
-    for record in dataset.records:
-        try:
-            paths = dataset.builder.image_paths(record)
-        except DataError:
-            paths = None
-        if paths is None or not all(os.path.isfile(p) for p in paths):
-            missing += 1
-            continue
-        kept.append(record)
-        if max_samples and len(kept) == max_samples:
-            break
-    if missing:
-        logger.warning(
-            "skipped %d records whose images are missing under %s", missing, dataset.builder.image_root
+def check_flags(cfg: InferenceConfig) -> None:
+    """Refuse flags that cannot work before any model loads (DataError: one line naming the flag)."""
+    problems = [
+        (cfg.max_samples < 0, f"--max_samples {cfg.max_samples}: must be >= 0 (0 = every record)"),
+        (cfg.batch_size < 1, f"--batch_size {cfg.batch_size}: must be >= 1"),
+        (cfg.max_new_tokens < 1, f"--max_new_tokens {cfg.max_new_tokens}: must be >= 1"),
+        (cfg.show_samples < -1, f"--show_samples {cfg.show_samples}: must be >= -1 (-1 = all, 0 = none)"),
+        (cfg.max_image_side < 1, f"--max_image_side {cfg.max_image_side}: must be >= 1"),
+        (cfg.max_image_pixels < 1, f"--max_image_pixels {cfg.max_image_pixels}: must be >= 1"),
+        (cfg.lora_alpha is not None and cfg.lora_alpha <= 0, f"--lora_alpha {cfg.lora_alpha}: must be > 0"),
+        (
+            cfg.do_sample and cfg.temperature <= 0,
+            f"--temperature {cfg.temperature}: must be > 0 with --do_sample true (or sample not at all)",
+        ),
+        (
+            cfg.do_sample and not 0 < cfg.top_p <= 1,
+            f"--top_p {cfg.top_p}: must be in (0, 1] with --do_sample",
+        ),
+        (
+            not os.path.isfile(cfg.data_file),
+            f"--data_file {cfg.data_file} does not exist; pass a PubMedVision-format file "
+            "(prepare_data.py writes data/test.json and data/site-N/train.json)",
+        ),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise DataError(message)
+    _check_device(cfg.device)
+    resolve_image_root(data_config(cfg), Path(cfg.data_file))  # DataError naming a root that is missing
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DataError(f"--device {name}: not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto)")
+
+
+def screened_dataset(processor, cfg: InferenceConfig) -> RecordDataset:
+    """The data file's first ``max_samples`` records whose images pass the image rule."""
+    dataset = build_dataset(processor, data_config(cfg), cfg.data_file)
+    skips = dataset.screen(cfg.max_samples)
+    if not dataset.records:
+        first = f"; first: {skips[0]}" if skips else ""
+        raise DataError(
+            f"no record of {cfg.data_file} has usable images under {dataset.builder.image_root} "
+            f"({len(skips)} skipped{first})"
         )
-    if not kept:
-        raise DataError(f"no record of the data file has its images under {dataset.builder.image_root}")
-    return kept
+    return dataset
 
 
 def evaluate_checkpoints(checkpoints: list[Checkpoint], cfg: InferenceConfig) -> tuple[RecordDataset, list]:
@@ -297,9 +382,8 @@ def evaluate_checkpoints(checkpoints: list[Checkpoint], cfg: InferenceConfig) ->
     for ckpt in checkpoints:
         logger.info("Loading %s: %s (%s)", ckpt.label, ckpt.path, ckpt.kind)
         model, processor = load_checkpoint(ckpt, cfg, device)
-        if dataset is None:  # read and check the data file once; every checkpoint answers these records
-            dataset = build_dataset(processor, data, cfg.data_file)
-            dataset.records = usable_records(dataset, cfg.max_samples)
+        if dataset is None:  # read and screen the data file once; every checkpoint answers these records
+            dataset = screened_dataset(processor, cfg)
         else:  # the same records, prompts built with this checkpoint's processor
             dataset.builder = SampleBuilder(processor, data, dataset.builder.image_root)
         torch.manual_seed(cfg.seed)  # the same sampling stream for every checkpoint
@@ -333,7 +417,8 @@ def question_text(record: dict) -> str:
 
 
 def format_sample(index: int, record: dict, image_paths: list[str], answers: dict[str, str]) -> str:
-    """One sample in the seed's layout, with one labelled ``Model`` line per checkpoint."""
+    """One sample in the seed's layout, with one labelled ``Model`` line per checkpoint (one model: the
+    seed's unlabelled line)."""
     width = max(len(label) for label in answers)
     lines = [
         f"--- Sample {index} ---",
@@ -341,8 +426,14 @@ def format_sample(index: int, record: dict, image_paths: list[str], answers: dic
         f"Q: {shorten(question_text(record))}",
         f"Ground truth: {shorten(first_answer(record))}",
     ]
-    for label, answer in answers.items():
-        lines.append(f"Model [{label}]:{' ' * (width - len(label))} {shorten(answer) or '(empty answer)'}")
+    if len(answers) == 1:  # one model: exactly the seed's line
+        (answer,) = answers.values()
+        lines.append(f"Model:        {shorten(answer) or '(empty answer)'}")
+    else:
+        for label, answer in answers.items():
+            lines.append(
+                f"Model [{label}]:{' ' * (width - len(label))} {shorten(answer) or '(empty answer)'}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -354,12 +445,13 @@ def _cell(value, digits: int = 4) -> str:
 
 def format_table(results: list[Evaluation]) -> str:
     """Per-checkpoint metrics as an aligned text table."""
-    header = ["checkpoint", "kind", *METRIC_COLUMNS, "samples", "short", "samples/s"]
+    header = ["checkpoint", "kind", *METRIC_COLUMNS, "samples", "short", "skipped", "samples/s"]
     rows = [header]
     for r in results:
         m = r.metrics
         metrics = [_cell(m[c]) for c in METRIC_COLUMNS]
-        extra = [str(m["samples"]), str(m["short_answers"]), _cell(m["samples_per_second"], 2)]
+        extra = [str(m["samples"]), str(m["short_answers"]), str(m["skipped_images"])]
+        extra.append(_cell(m["samples_per_second"], 2))
         rows.append([r.checkpoint.label, r.checkpoint.kind, *metrics, *extra])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)

@@ -110,3 +110,27 @@ def tiny_finetuned_dir(tiny_model_dir, synth_dir, synth_split, tmp_path_factory)
     engine.model.save_pretrained(out)
     engine.processor.save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------- data shaped like the field
+
+
+@pytest.fixture(scope="session")
+def realistic_dir(tmp_path_factory) -> Path:
+    """160 records in the synthetic generator's realistic mode: paragraph answers, varied image sizes
+    and formats, a few defective images, duplicates and records sharing an image."""
+    out = tmp_path_factory.mktemp("data") / "PubMedVision_realistic"
+    synthetic.generate(out, synthetic.SyntheticSpec(num_records=160, seed=5, realistic=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def realistic_shards(realistic_dir, tmp_path_factory) -> Path:
+    """realistic_dir split over 2 sites by prepare_data (with its val.json and test.json)."""
+    from qwen3vl_sft.config import PrepareDataConfig
+    from qwen3vl_sft.prepare import run as prepare_shards
+
+    out = tmp_path_factory.mktemp("realistic_shards")
+    data_file = realistic_dir / synthetic.DATA_FILE_NAME
+    prepare_shards(PrepareDataConfig(data_file=str(data_file), output_dir=str(out), num_clients=2))
+    return out

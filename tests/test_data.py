@@ -18,7 +18,6 @@ from qwen3vl_sft.data import (
     to_messages,
     truncation_point,
 )
-from qwen3vl_sft.records import DataError
 
 # Literal ids: 1 <|im_start|>, 2 <|im_end|>, 5 "user", 6 "assistant", 9 "\n",
 # 3 vision_start, 4 vision_end, 7 image_pad, 0 pad.
@@ -128,7 +127,9 @@ def test_generation_prompt_is_rendered_as_in_training_up_to_the_first_question(p
     ]  # fmt: skip
     assert [im.size for im in images] == [(64, 64), (300, 20)]
     assert builder.image_paths(record) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
-    with pytest.raises(DataError, match="b.png: 300x20 pixels exceeds max_image_side 200"):
+    with pytest.raises(
+        SkipSample, match="record 'p': image .*b.png: 300x20 pixels exceeds max_image_side 200"
+    ):
         SampleBuilder(processor, DataConfig(max_image_side=200), tmp_path).prompt(record)
 
 

@@ -180,3 +180,39 @@ def test_a_site_whose_torchrun_cannot_start_ends_the_job_with_the_reason(
     assert "EADDRINUSE" in message and f"port: {job.master_port_base}" in message
     assert str(Path(job.workspace) / job.job_name / "site-1" / "log.txt") in message
     assert "\n" not in message
+
+
+def test_field_shaped_data_trains_validates_keeps_the_best_model_and_evaluates_as_printed(
+    tiny_model_dir, realistic_shards, tmp_path
+):
+    """Data like PubMedVision's (paragraph answers, odd and broken images, duplicates), through the whole
+    job: broken images are skipped in training and validation instead of failing the site, val_loss is
+    the key metric every round, so best_global_model_hf/ is written, and the printed evaluation command
+    runs as printed, offline, from another folder."""
+    import os
+    import subprocess
+
+    job, model, data, train = configs(tmp_path, tiny_model_dir, realistic_shards, n_clients=2)
+    summary = run_job(job, model, data, train)
+    assert {(r["round"], r["site"]) for r in summary.rows} == {(0, "site-1"), (0, "site-2"), (1, "site-1"),
+                                                              (1, "site-2")}  # fmt: skip
+    assert all("val_loss" in r and "val_rouge_l" in r for r in summary.rows)
+    server_log = (Path(job.workspace) / job.job_name / "server" / "log.txt").read_text()
+    assert "failed round" not in server_log and "Empty result" not in server_log
+    state = json.loads((server_dir(job) / "fl_state.json").read_text())
+    assert state["key_metric"] == "val_loss" and state["best_value"] is not None
+    assert (server_dir(job) / "best_global_model_hf" / "model.safetensors").is_file()
+    client_logs = "".join(
+        p.read_text() for p in Path(job.workspace).glob(f"{job.job_name}/site-*/**/qwen3vl_client.log")
+    )
+    assert "Skipping sample" in client_logs  # the broken images were met, and skipped
+
+    command = (
+        summary.text.split("Evaluate it: ", 1)[1].splitlines()[0] + " --max_samples 4 --max_new_tokens 8"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--- Sample 1 ---" in result.stdout and "Report:" in result.stdout

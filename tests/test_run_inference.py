@@ -9,10 +9,18 @@ Checkpoints are made the way the federated job makes them: ``{"model": exchanged
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import run_inference
 from qwen3vl_sft import inference
@@ -22,6 +30,7 @@ from qwen3vl_sft.modeling import load_model
 from qwen3vl_sft.weights import exchanged_state
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def probe_logits(model) -> torch.Tensor:
@@ -293,3 +302,205 @@ def test_finetuned_scores_higher_than_base_on_held_out(
     assert tuned["loss"] < base["loss"] / 2
     for metric in ("rouge_l", "token_f1", "exact_match"):
         assert tuned[metric] > base[metric], metric
+
+
+# --------------------------------------------------------------------------- flags refused up front, Ctrl-C
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max_samples", "-1"], "--max_samples -1: must be >= 0"),
+        (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+        (["--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
+        (["--show_samples", "-2"], "--show_samples -2: must be >= -1"),
+        (["--do_sample", "true", "--temperature", "0"], "--temperature 0.0: must be > 0 with --do_sample"),
+        (["--do_sample", "true", "--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
+        (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+        (["--device", "tpu9"], "--device tpu9: not a torch device"),
+        (["--data_file", "no/such/test.json"], "--data_file no/such/test.json does not exist"),
+        (["--image_root", "no/such/root"], "--image_root no/such/root (= "),
+        (["--max_image_pixels", "0"], "--max_image_pixels 0: must be >= 1"),
+    ],
+    ids=[
+        "max_samples",
+        "batch_size",
+        "max_new_tokens",
+        "show_samples",
+        "temperature",
+        "top_p",
+        "cuda",
+        "device",
+        "data_file",
+        "image_root",
+        "max_image_pixels",
+    ],  # fmt: skip
+)
+def test_flags_that_cannot_work_are_refused_in_one_line_before_any_model_loads(
+    flags, message, monkeypatch, capsys, tiny_model_dir, synth_dir, synth_split
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    monkeypatch.setattr(inference, "load_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["--model_path", str(tiny_model_dir), "--data_file", str(synth_split[1])]
+    argv += ["--image_root", str(synth_dir), *flags]
+    assert run_inference.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_code_130(
+    monkeypatch, capsys, tiny_model_dir, synth_split, synth_dir
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "evaluate_checkpoints", interrupted)
+    argv = [
+        "--model_path",
+        str(tiny_model_dir),
+        "--data_file",
+        str(synth_split[1]),
+        "--image_root",
+        str(synth_dir),
+    ]
+    assert run_inference.main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted (Ctrl-C): stopped, no report written"
+    ]
+
+
+def test_sigint_during_a_real_run_prints_no_traceback(tmp_path, tiny_model_dir, synth_file, synth_dir):
+    argv = [sys.executable, str(REPO / "run_inference.py"), "--model_path", str(tiny_model_dir)]
+    argv += ["--data_file", str(synth_file), "--image_root", str(synth_dir), "--max_samples", "0"]
+    argv += ["--max_new_tokens", "256", "--output_dir", str(tmp_path), "--progress", "false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # interrupt once the model is being evaluated
+        if line.startswith("fine-tuned: "):
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert (
+        "Traceback" not in err
+        and err.strip().splitlines()[-1] == "interrupted (Ctrl-C): stopped, no report written"
+    )
+    assert not (tmp_path / "report.json").exists()
+
+
+# --------------------------------------------------------------------------- the base row comes from the checkpoint
+
+
+def test_base_row_is_what_the_checkpoint_records_never_a_default_hub_id(
+    ckpts, tmp_path, capsys, tiny_model_dir, tiny_finetuned_dir, synth_dir, synth_split
+):
+    from qwen3vl_sft.checkpoints import write_hf_directory
+
+    cfg = config(tiny_model_dir, synth_dir, synth_split, base_model="")
+    # an HF directory without a record (a trainer's save_pretrained): evaluated alone, said in one line
+    alone = inference.requested_checkpoints(replace(cfg, model_path=str(tiny_finetuned_dir)))
+    assert [(c.label, c.path) for c in alone] == [("fine-tuned", str(tiny_finetuned_dir))]
+    assert capsys.readouterr().out == (
+        f"No base row: {tiny_finetuned_dir} records no base model and --base_model is not set, "
+        "so it is evaluated alone.\n"
+    )
+    # the server's HF directory records its base in fl_checkpoint.json
+    server_dir = write_hf_directory(
+        ckpts["full"], ModelConfig(model_name_or_path=str(tiny_model_dir)), tmp_path / "global_model_hf"
+    )
+    found = inference.requested_checkpoints(replace(cfg, model_path=str(server_dir)))
+    assert [(c.label, c.kind, c.path) for c in found] == [
+        ("base", "hf", str(tiny_model_dir)),
+        ("fine-tuned", "hf", str(server_dir)),
+    ]
+    # the LoRA job's global_model_hf/ is a PEFT adapter directory; it records its base the same way
+    lora_cfg = ModelConfig(model_name_or_path=str(tiny_model_dir), lora=True, lora_r=4, lora_alpha=8,
+                           lora_target_modules="q_proj,v_proj")  # fmt: skip
+    lora_state = torch.load(ckpts["dir"] / "lora.pt", weights_only=True)["model"]
+    adapter_dir = write_hf_directory(lora_state, lora_cfg, tmp_path / "lora_hf")
+    found = inference.requested_checkpoints(replace(cfg, model_path=str(adapter_dir)))
+    assert [(c.label, c.kind, c.path) for c in found] == [
+        ("base", "hf", str(tiny_model_dir)),
+        ("fine-tuned", "adapter", str(adapter_dir)),
+    ]
+    # --base_model still wins
+    found = inference.requested_checkpoints(
+        replace(cfg, model_path=str(server_dir), base_model=str(tiny_finetuned_dir))
+    )
+    assert found[0].path == str(tiny_finetuned_dir)
+
+
+def test_pt_that_records_no_base_needs_base_model(ckpts, tiny_model_dir, synth_dir, synth_split):
+    cfg = config(tiny_model_dir, synth_dir, synth_split, base_model="")
+    with pytest.raises(CheckpointError, match=r'its meta names no "base_model"; pass --base_model'):
+        inference.detect(Checkpoint("x", str(ckpts["dir"] / "lora_no_meta.pt")), cfg)
+
+
+def test_server_hf_directories_record_their_base_and_still_load(ckpts, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qwen3vl_sft.checkpoints import FL_RECORD, write_hf_directory
+
+    full_cfg = ModelConfig(model_name_or_path=str(tiny_model_dir))
+    full = write_hf_directory(ckpts["full"], full_cfg, tmp_path / "full_hf")
+    assert json.loads((full / FL_RECORD).read_text()) == {
+        "format": 1, "kind": "full", "base_model": str(tiny_model_dir), "lora": None
+    }  # fmt: skip
+    Qwen3VLForConditionalGeneration.from_pretrained(full)  # the extra file does not disturb loading
+
+    lora_cfg = ModelConfig(model_name_or_path=str(tiny_model_dir), lora=True, lora_r=4, lora_alpha=8,
+                           lora_target_modules="q_proj,v_proj")  # fmt: skip
+    lora_state = torch.load(ckpts["dir"] / "lora.pt", weights_only=True)["model"]
+    adapter = write_hf_directory(lora_state, lora_cfg, tmp_path / "lora_hf")
+    assert json.loads((adapter / FL_RECORD).read_text()) == {
+        "format": 1, "kind": "lora", "base_model": str(tiny_model_dir),
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+    }  # fmt: skip
+    base = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    assert torch.allclose(probe_logits(merged.eval()), ckpts["lora_logits"], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- defective images
+
+
+def test_every_checkpoint_answers_the_same_usable_records(
+    ckpts, tmp_path, capsys, tiny_model_dir, tiny_finetuned_dir, synth_dir, synth_split
+):
+    """Bug fixed here: one 0-byte / non-image / 10000x3 image crashed run_inference.py."""
+    root = tmp_path / "root"
+    shutil.copytree(synth_dir, root)
+    (root / "images" / "empty.jpg").write_bytes(b"")
+    (root / "images" / "notes.jpg").write_text("not an image")
+    Image.new("RGB", (10000, 3)).save(root / "images" / "wide.png")
+    good = json.loads(synth_split[1].read_text())
+    bad = [
+        {**good[0], "id": f"bad-{n}", "image": [f"images/{n}"]}
+        for n in ("empty.jpg", "notes.jpg", "wide.png")
+    ]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps([good[0], bad[0], good[1], bad[1], bad[2], *good[2:6]]))
+    argv = ["--model_path", str(tiny_finetuned_dir), "--base_model", str(tiny_model_dir)]
+    argv += [
+        "--data_file",
+        str(data),
+        "--image_root",
+        str(root),
+        "--max_samples",
+        "4",
+        "--max_new_tokens",
+        "3",
+    ]
+    argv += ["--output_dir", str(tmp_path / "report"), "--progress", "false"]
+    assert run_inference.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Running inference on 4 sample(s) (3 skipped: defective images, see the log)" in out
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["checkpoints"]
+    assert [(r["label"], r["samples"], r["skipped_images"]) for r in rows] == [
+        ("base", 4, 3),
+        ("fine-tuned", 4, 3),
+    ]
+    answered = [json.loads(x)["id"] for x in (tmp_path / "report" / "answers.jsonl").read_text().splitlines()]
+    assert answered == [r["id"] for r in good[:4]]
