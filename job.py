@@ -35,7 +35,7 @@ def main(argv=None):
                 f"Job exported to {job_folder}; submit it with: nvflare job submit -j {shlex.quote(job_folder)}"
             )
             return
-        summary = fl_job.run_job(job, recipe, torch.cuda.device_count())
+        summary = fl_job.run_job(job, recipe, torch.cuda.device_count(), data.image_root)
         print(summary.text)
         if job.demo:
             report_demo(job, model, data, summary)

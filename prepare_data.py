@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (cfg,) = parse((PrepareDataConfig,), argv, description=__doc__)
         manifest = run(cfg)
-        report(cfg, manifest)
     except DataError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
@@ -42,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "prepare_data.py: interrupted; --output_dir is unchanged (nothing was published)", file=sys.stderr
         )
+        return 130
+    try:
+        report(cfg, manifest)
+    except KeyboardInterrupt:  # the shards are in place; only the summary was cut short
+        print("prepare_data.py: interrupted after the new shards were completely in place", file=sys.stderr)
         return 130
     return 0
 

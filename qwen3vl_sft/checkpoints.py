@@ -132,9 +132,22 @@ def _write_adapter(tensors: dict[str, torch.Tensor], model_config: ModelConfig, 
 
 
 def recorded_base(model_config: ModelConfig) -> str:
-    """The base as it is recorded: a local directory absolute (readers run from other folders)."""
+    """The base as it is recorded: a local directory absolute (readers run from other folders); a hub id
+    as the local snapshot the server already holds, so that loading it never waits on the hub."""
     name = model_config.model_name_or_path
-    return os.path.abspath(name) if os.path.isdir(name) else name
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True, allow_patterns=["*.json"])
+    except (OSError, ValueError):  # not in the local cache: the hub id is all there is to record
+        return name
+
+
+def usable_base(recorded: str, hub_id: str | None) -> str:
+    """The recorded base if it is here (the server's snapshot), else its hub id (another machine)."""
+    return recorded if not hub_id or os.path.isdir(recorded) else hub_id
 
 
 def fl_record(model_config: ModelConfig) -> dict:
@@ -148,7 +161,10 @@ def fl_record(model_config: ModelConfig) -> dict:
             "target_modules": model_config.lora_targets(),
         }
     kind = "lora" if model_config.lora else "full"
-    return {"format": 1, "kind": kind, "base_model": recorded_base(model_config), "lora": lora}
+    name = model_config.model_name_or_path
+    hub_id = None if os.path.isdir(name) else name
+    return {"format": 1, "kind": kind, "base_model": recorded_base(model_config), "base_model_id": hub_id,
+            "lora": lora}  # fmt: skip
 
 
 def read_fl_record(folder: str | os.PathLike) -> dict:

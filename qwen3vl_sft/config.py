@@ -227,6 +227,41 @@ class BackendConfig:
     )
 
 
+def check_data_flags(data: DataConfig) -> None:
+    """Refuse DataConfig values no site could train or validate with (ValueError: one line naming the
+    flag). Shared by job.py, the training CLI and run_inference.py, so each refuses them up front."""
+    problems = [
+        (data.model_max_length < 1, f"--model_max_length must be >= 1, got {data.model_max_length}"),
+        (data.min_pixels < 1, f"--min_pixels must be >= 1, got {data.min_pixels}"),
+        (data.max_pixels < data.min_pixels, f"--max_pixels {data.max_pixels} is below --min_pixels {data.min_pixels}"),
+        (not 0 <= data.max_bad_sample_fraction <= 1,
+         f"--max_bad_sample_fraction must be in [0, 1], got {data.max_bad_sample_fraction}"),
+        (data.max_image_side < 1, f"--max_image_side must be >= 1, got {data.max_image_side}"),
+        (data.max_image_pixels < 1, f"--max_image_pixels must be >= 1, got {data.max_image_pixels}"),
+        (data.dataloader_num_workers < 0, f"--dataloader_num_workers must be >= 0, got {data.dataloader_num_workers}"),
+        (data.val_generate_samples < 0, f"--val_generate_samples must be >= 0, got {data.val_generate_samples}"),
+        (data.val_max_new_tokens < 1, f"--val_max_new_tokens must be >= 1, got {data.val_max_new_tokens}"),
+    ]  # fmt: skip
+    _refuse(problems)
+
+
+def check_model_flags(model: ModelConfig) -> None:
+    """Refuse ModelConfig values that cannot work (ValueError naming the flag)."""
+    problems = [
+        (model.lora and model.lora_r < 1, f"--lora_r must be >= 1, got {model.lora_r}"),
+        (model.lora and model.lora_alpha <= 0, f"--lora_alpha must be > 0, got {model.lora_alpha}"),
+        (model.lora and not 0 <= model.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {model.lora_dropout}"),
+        (model.lora and not model.lora_targets(), "--lora_target_modules names no module"),
+    ]  # fmt: skip
+    _refuse(problems)
+
+
+def _refuse(problems: list[tuple[bool, str]]) -> None:
+    for failed, message in problems:
+        if failed:
+            raise ValueError(message)
+
+
 def replace(cfg: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` that ignores keys the dataclass does not have."""
     names = {f.name for f in dataclasses.fields(cfg)}

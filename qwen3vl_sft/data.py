@@ -302,9 +302,14 @@ class RecordDataset(torch.utils.data.Dataset):
                 self.image_skips.append(str(err))
                 continue
             kept.append(record)
-        self.records = kept
-        self.cache = {} if self.cache is not None else None  # indices changed
+        self.keep(kept)
         return self.image_skips
+
+    def keep(self, records: list[dict]) -> None:
+        """Narrow the dataset to ``records`` (a subset, in order); cached samples are keyed by index,
+        so the cache starts again."""
+        self.records = records
+        self.cache = {} if self.cache is not None else None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -159,7 +159,7 @@ def evaluate_answers(
         bad = _image_skips(skipped)
         if bad:  # an unscreened dataset: answer (and let later checkpoints answer) only the good ones
             dataset.image_skips += [s["reason"] for s in bad.values()]
-            dataset.records = [r for i, r in enumerate(dataset.records) if i not in bad]
+            dataset.keep([r for i, r in enumerate(dataset.records) if i not in bad])
         start = time.perf_counter()
         answers = generate_answers(
             model,
@@ -196,7 +196,7 @@ def evaluate_file(
     """
     dataset = build_dataset(processor, data, str(path))
     if max_samples:
-        dataset.records = dataset.records[:max_samples]
+        dataset.keep(dataset.records[:max_samples])
     was_training = model.training
     model.eval()
     try:

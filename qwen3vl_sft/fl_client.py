@@ -5,7 +5,8 @@ client.py <flags>``; rank 0 talks to NVFlare and broadcasts to the other ranks. 
 
 1. receive the global model (rank 0) and broadcast it;
 2. load it into the local model, strictly by name (frozen tensors stay local);
-3. validate it on the site's ``val.json`` (rank 0) -> ``val_loss`` / ``val_accuracy``;
+3. validate it on the site's ``val.json`` (rank 0) -> ``val_loss``, ``val_accuracy`` (short answers),
+   ``val_rouge_l`` / ``val_token_f1`` (generated answers), ``val_skipped_images``;
 4. train one round in-process;
 5. send the trainable tensors (bf16) with metrics; ``NUM_STEPS_CURRENT_ROUND`` = samples trained, so
    FedAvg weights each site by the work it did.
@@ -89,12 +90,16 @@ def check_site_paths(data: DataConfig) -> None:
     Paths in the job config are absolute; a job exported or submitted elsewhere may still name
     folders this machine lacks. Every round would fail on them, so the site stops at start-up.
     """
-    wanted = {"--data_path": data.data_path, "--eval_data_path": data.eval_data_path,
-              "--image_root": data.image_root}  # fmt: skip
+    from pathlib import Path
+
+    from .data import resolve_image_root
+
+    wanted = {"--data_path": data.data_path, "--eval_data_path": data.eval_data_path}
     for flag, path in wanted.items():
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path} does not exist on this site; copy the site's data there "
                                     "or export the job with this site's paths")  # fmt: skip
+    resolve_image_root(data, Path(data.data_path))  # --image_root or the manifest's: DataError naming it
 
 
 def log_metrics(writer, metrics: dict[str, float], step: int) -> None:

@@ -19,7 +19,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig, to_flags
+from .config import (
+    BackendConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+    check_data_flags,
+    check_model_flags,
+    to_flags,
+)
 from .fileio import atomic_path
 from .fl_watch import failure_line, read_failure
 from .records import DataError
@@ -46,9 +55,14 @@ def site_names(n_clients: int) -> list[str]:
     return [f"site-{i}" for i in range(1, n_clients + 1)]
 
 
-def check_job(job: JobConfig, train: TrainConfig) -> None:
+def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     """Refuse, in one line naming the flag, values the job could only fail on later (inside NVFlare)."""
     site_names(job.n_clients)
+    try:
+        check_data_flags(data)
+        check_model_flags(model)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     at_least_one = {"--num_rounds": job.num_rounds, "--nproc_per_client": job.nproc_per_client,
                     "--per_device_train_batch_size": train.per_device_train_batch_size,
                     "--gradient_accumulation_steps": train.gradient_accumulation_steps}  # fmt: skip
@@ -72,7 +86,9 @@ def check_job(job: JobConfig, train: TrainConfig) -> None:
         raise DataError(f"--learning_rate must be > 0, got {train.learning_rate}")
     if job.gpu:
         gpu_groups(job, 0)  # the syntax and group count; GPU ids are the machine's to check
-    if not job.export_dir:
+    if job.export_dir:
+        check_writable(job.export_dir, "--export_dir")
+    else:
         check_writable(job.workspace, "--workspace")
 
 
@@ -115,10 +131,11 @@ def site_data(data: DataConfig, data_dir: Path, site: str) -> DataConfig:
         raise DataError(
             f"{train} does not exist: run prepare_data.py --num_clients N --output_dir {data_dir} first"
         )
+    from .data import resolve_image_root
+
     val = data_dir / site / "val.json"
     image_root = os.path.abspath(data.image_root) if data.image_root else ""
-    if image_root and not os.path.isdir(image_root):
-        raise DataError(f"--image_root {data.image_root} is not a directory; pass the folder holding images/")
+    resolve_image_root(data, train)  # --image_root or the shards' manifest: a missing root is named now
     return dataclasses.replace(
         data, data_path=str(train), eval_data_path=str(val) if val.is_file() else "", image_root=image_root
     )
@@ -140,6 +157,10 @@ def free_ports(wanted: list[int], flag: str, check: bool) -> list[int]:
     Sites of a simulator or PoC run share this machine, so a port another process listens on would
     kill a site's torchrun at start (EADDRINUSE). ``check`` is off for exported jobs: they run elsewhere.
     """
+    if max(wanted) > MAX_PORT:
+        raise DataError(
+            f"{flag}: the sites need ports {wanted[0]}..{wanted[-1]}, beyond {MAX_PORT}; pass a lower {flag}"
+        )
     chosen: list[int] = []
     for port in wanted:
         candidate = port
@@ -309,7 +330,7 @@ def build_recipe(
     """The FedAvg recipe with per-site commands, timeouts, tracking, failure watch and the lean persistor."""
     from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
-    check_job(job, train)
+    check_job(job, model, data, train)
     model = absolute_model_path(model)
     check_model(model)
     checkpoint = resume_checkpoint(job)
@@ -435,21 +456,23 @@ class JobFailed(RuntimeError):
     """The federated job stopped before its last round; the message is the reason, in one line."""
 
 
-def run_job(job: JobConfig, recipe, cuda_devices: int) -> Summary:
+def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> Summary:
     """Run the recipe in the simulator or PoC; the summary, or JobFailed with the server's reason."""
     env = execution_env(job, cuda_devices)
     search_dir = Path(poc_workspace(job) if job.env == "poc" else Path(job.workspace) / job.job_name)
     try:
         # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
         result_dir = recipe.run(env).get_result(clean_up=job.env != "poc")
-    except RuntimeError as err:  # the simulator's "Simulation failed with return code N"
+    except RuntimeError as err:
+        if not str(err).startswith("Simulation failed"):
+            raise  # not the simulator's report of a failed job: a bug, shown as one
         raise JobFailed(failure_message(search_dir, str(err).splitlines()[0])) from None
     failure = read_failure(result_dir or search_dir)
     if failure is not None:
         raise JobFailed(failure_line(failure, server_log(result_dir or search_dir)))
     if not result_dir and job.env == "poc":
         raise JobFailed(f"the PoC job returned no result; see the logs under {search_dir}")
-    return summarize(job, result_dir)
+    return summarize(job, result_dir, image_root)
 
 
 def server_log(search_dir: str | os.PathLike) -> str:
@@ -502,18 +525,20 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_command(job: JobConfig, global_dir: str) -> str:
+def evaluate_command(job: JobConfig, global_dir: str, image_root: str = "") -> str:
     """The run_inference.py command for the global model, quoted for a POSIX shell and runnable as
     printed from any folder (absolute paths; the base model is recorded in the global model itself)."""
     test_file = Path(job.data_dir).resolve() / "test.json"
     script = REPO_DIR / "run_inference.py"
     args = [sys.executable, str(script), "--model_path", global_dir or "<global_model_hf>"]
+    if image_root:  # the job's own --image_root; without it run_inference reads the shards' manifest
+        args += ["--image_root", os.path.abspath(image_root)]
     if not test_file.is_file():  # prepared with --test_fraction 0: the user has a held-out file of their own
         return shlex.join(args) + " --data_file <your held-out file> (no test.json: --test_fraction was 0)"
     return shlex.join([*args, "--data_file", str(test_file)])
 
 
-def summarize(job: JobConfig, result_dir: str | None) -> Summary:
+def summarize(job: JobConfig, result_dir: str | None, image_root: str = "") -> Summary:
     """The end-of-job report: metrics table, where the global model is, how to evaluate it."""
     result_dir = str(result_dir or Path(job.workspace) / job.job_name)
     rows = read_site_metrics(result_dir)
@@ -524,7 +549,7 @@ def summarize(job: JobConfig, result_dir: str | None) -> Summary:
             f"Job finished. Results: {result_dir}",
             format_rows(rows) if rows else "(no per-site metrics were recorded)",
             f"Global model (HF directory): {global_dir or 'not written'}",
-            f"Evaluate it: {evaluate_command(job, global_dir)}",
+            f"Evaluate it: {evaluate_command(job, global_dir, image_root)}",
         ]
     )
     return Summary(result_dir=result_dir, rows=rows, global_model_dir=global_dir, text=text)

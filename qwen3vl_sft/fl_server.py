@@ -166,7 +166,7 @@ class GlobalModelPersistor(_persistor_base()):
 
     def _file_meta(self) -> dict:
         record = fl_record(self._model_cfg)  # the same base and LoRA record as global_model_hf/ carries
-        return {"base_model": record["base_model"], "lora": record["lora"],
+        return {"base_model": record["base_model"], "base_model_id": record["base_model_id"], "lora": record["lora"],
                 "round": getattr(self, "_current_round", None)}  # fmt: skip
 
     def _state(self, current_round) -> dict:

@@ -8,7 +8,7 @@ Two NVFlare components, added to every job by :func:`qwen3vl_sft.fl_job.build_re
 * :class:`SiteFailureReporter` (each site). NVFlare stops a site's ClientRunner on a fatal error (its
   ``torchrun`` died before the Client API handshake: a busy ``--master_port``, a flag the parser refuses,
   an import error), but in the simulator nothing tells the server, whose round then waits for that site
-  forever (measured: ``job.py`` still running after 5 minutes). The reporter sends the reason, with the
+  forever. The reporter sends the reason, with the
   last exception line of the site's log, to the server over NVFlare's aux channel.
 * :class:`JobFailureRecorder` (server, a task-result filter). It turns such a report into a
   ``system_panic`` that ends the job; it logs each site's failed round (the ``error`` meta of the empty

@@ -14,8 +14,7 @@ Accepted checkpoints, detected from the path itself (see :func:`detect`):
 The base (architecture and processor of adapters and .pt files, and the "base" row) is ``--base_model``,
 else what the checkpoint records: the .pt's ``meta["base_model"]``, the ``fl_checkpoint.json`` the
 federated server writes into its HF directories, an adapter's ``base_model_name_or_path``. Nothing is
-assumed: a checkpoint that records no base is evaluated alone (a hub id as default base row made
-offline runs wait on the hub, then fail).
+assumed: a checkpoint that records no base is evaluated alone, so an offline run never waits on the hub.
 
 Every checkpoint answers the same records (screened once for defective images); models are loaded one
 at a time and freed after use.
@@ -38,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import read_fl_record
-from .config import DataConfig, InferenceConfig, ModelConfig
+from .checkpoints import read_fl_record, usable_base
+from .config import DataConfig, InferenceConfig, ModelConfig, check_data_flags
 from .data import RecordDataset, SampleBuilder, build_dataset, resolve_image_root
 from .evaluate import evaluate_answers, first_answer, first_question
 from .modeling import (
@@ -164,7 +163,8 @@ def _detect_kind(ckpt: Checkpoint, base_flag: str) -> Checkpoint:
     if path.is_file():
         tensors, meta = read_weights_file(path)
         lora = bool(meta.get("lora")) or is_lora_state(tensors)
-        base = _needs_base(ckpt, base_flag or meta.get("base_model") or "", 'its meta names no "base_model"')
+        recorded = usable_base(meta.get("base_model") or "", meta.get("base_model_id"))
+        base = _needs_base(ckpt, base_flag or recorded, 'its meta names no "base_model"')
         return Checkpoint(ckpt.label, ckpt.path, "pt-lora" if lora else "pt-full", base, meta)
     if HUB_ID.match(ckpt.path) and not ckpt.path.startswith("."):
         return Checkpoint(ckpt.label, ckpt.path, "hf", base_flag)
@@ -174,7 +174,8 @@ def _detect_kind(ckpt: Checkpoint, base_flag: str) -> Checkpoint:
 def _recorded_base(folder: Path) -> str:
     """The base a directory records: the server's fl_checkpoint.json, else an adapter's config."""
     try:
-        base = read_fl_record(folder).get("base_model")
+        record = read_fl_record(folder)
+        base = usable_base(record.get("base_model") or "", record.get("base_model_id"))
         if not base and (folder / "adapter_config.json").is_file():
             adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
             base = adapter.get("base_model_name_or_path")
@@ -320,8 +321,6 @@ def check_flags(cfg: InferenceConfig) -> None:
         (cfg.batch_size < 1, f"--batch_size {cfg.batch_size}: must be >= 1"),
         (cfg.max_new_tokens < 1, f"--max_new_tokens {cfg.max_new_tokens}: must be >= 1"),
         (cfg.show_samples < -1, f"--show_samples {cfg.show_samples}: must be >= -1 (-1 = all, 0 = none)"),
-        (cfg.max_image_side < 1, f"--max_image_side {cfg.max_image_side}: must be >= 1"),
-        (cfg.max_image_pixels < 1, f"--max_image_pixels {cfg.max_image_pixels}: must be >= 1"),
         (cfg.lora_alpha is not None and cfg.lora_alpha <= 0, f"--lora_alpha {cfg.lora_alpha}: must be > 0"),
         (
             cfg.do_sample and cfg.temperature <= 0,
@@ -340,6 +339,10 @@ def check_flags(cfg: InferenceConfig) -> None:
     for failed, message in problems:
         if failed:
             raise DataError(message)
+    try:
+        check_data_flags(data_config(cfg))  # the image limits, as training checks them
+    except ValueError as err:
+        raise DataError(str(err)) from None
     _check_device(cfg.device)
     resolve_image_root(data_config(cfg), Path(cfg.data_file))  # DataError naming a root that is missing
 

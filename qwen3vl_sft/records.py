@@ -108,8 +108,9 @@ def inspect_record(record: Any) -> tuple[str | None, int]:
     if placeholders > len(images):  # a spare placeholder would show which image? not repairable
         return "too_many_placeholders", 0
     missing = len(images) - placeholders
-    # Missing placeholders go into the first human turn, so a blank first question still shows an image.
-    if blank_questions and (blank_questions[0] > 0 or not missing):
+    # Missing placeholders go into the first human turn, so a blank first question still shows an image;
+    # any other blank question asks nothing.
+    if any(i > 0 for i in blank_questions) or (blank_questions[:1] == [0] and not missing):
         return "empty_question", 0
     return None, missing
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -245,10 +246,15 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import parse
+    from .config import check_data_flags, check_model_flags, parse
     from .evaluate import evaluate_file
 
     model_cfg, data_cfg, train_cfg = parse((ModelConfig, DataConfig, TrainConfig), argv, description=__doc__)
+    try:
+        check_data_flags(data_cfg)
+        check_model_flags(model_cfg)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     engine = SFTEngine(SFTConfig(model_cfg, data_cfg, train_cfg))
     result = engine.train_round()

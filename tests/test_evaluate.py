@@ -121,7 +121,7 @@ def wide_png() -> bytes:
 def test_validation_skips_defective_images_and_scores_the_same_records(
     finetuned, tmp_path, synth_dir, synth_split
 ):
-    """Bug fixed here: one 0-byte / truncated / non-image / 10000x3 file crashed site validation."""
+    """A 0-byte, truncated, non-image or 10000x3 file is a counted skip in validation, not a crash."""
     model, processor = finetuned
     jpeg = (synth_dir / json.loads(synth_split[1].read_text())[0]["image"][0]).read_bytes()
     bad = {"empty.jpg": b"", "cut.jpg": jpeg[: len(jpeg) // 2], "text.jpg": b"hello", "wide.png": wide_png()}
@@ -148,7 +148,7 @@ def long_answer(record: dict) -> dict:
 def test_long_answers_get_rouge_and_f1_from_a_bounded_number_of_generations(
     finetuned, tmp_path, synth_dir, synth_split, monkeypatch
 ):
-    """Bug fixed here: paragraph answers gave validation no score at all (no accuracy, nothing else)."""
+    """Paragraph answers have no accuracy; validation still scores them (ROUGE-L, token F1)."""
     model, processor = finetuned
     records = json.loads(synth_split[1].read_text())[:8]
     records = records[:3] + [long_answer(r) for r in records[3:]]  # 3 short answers, 5 paragraphs
@@ -182,7 +182,7 @@ def test_long_answers_get_rouge_and_f1_from_a_bounded_number_of_generations(
 def test_evaluate_model_dir_loads_the_servers_lora_adapter_dir_like_run_inference(
     tiny_model_dir, synth_dir, synth_split, tmp_path
 ):
-    """Bug fixed here: `job.py --demo --lora true` failed at its report (an adapter dir has no config.json)."""
+    """The LoRA global model (an adapter directory, no config.json) loads for the demo's report."""
     from peft import PeftModel
 
     from qwen3vl_sft.checkpoints import write_hf_directory

@@ -43,3 +43,28 @@ def test_validation_scores_the_received_global_model_not_the_sites_last_local_on
 
     assert second.metrics["val_loss"] == first.metrics["val_loss"]
     assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
+
+
+def test_a_site_refuses_to_start_on_a_data_path_or_image_root_it_lacks(shards, tmp_path):
+    """Paths are checked before the Client API handshake, so the job ends naming the missing one
+    (qwen3vl_sft.fl_watch) instead of failing every round."""
+    import json
+    import shutil
+
+    import pytest
+
+    from qwen3vl_sft.fl_client import check_site_paths
+    from qwen3vl_sft.records import DataError
+
+    with pytest.raises(
+        FileNotFoundError, match=r"--data_path /nowhere/train.json does not exist on this site"
+    ):
+        check_site_paths(DataConfig(data_path="/nowhere/train.json"))
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["image_root"] = manifest["config"]["image_root"] = str(tmp_path / "moved_away")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="moved_away"):  # the root the manifest names, not found here
+        check_site_paths(DataConfig(data_path=str(copy / "site-1" / "train.json")))
+    check_site_paths(DataConfig(data_path=str(shards / "site-1" / "train.json")))  # all there: no error

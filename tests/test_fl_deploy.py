@@ -59,8 +59,8 @@ def test_poc_run_completes_in_its_workspace_and_writes_the_global_model(
 def test_exported_job_folder_runs_by_itself_from_another_folder(
     tiny_model_dir, two_site_shards, tmp_path, capsys
 ):
-    """Bug fixed here: a relative --data_dir stayed relative in the exported job (sites resolved it from
-    their workspace and found nothing), and the printed submit command named the export's parent folder."""
+    """A relative --data_dir is written absolute into the exported job (sites run from their own
+    workspace), and the printed submit command names the job folder itself."""
     project = tmp_path / "project"
     shutil.copytree(two_site_shards, project / "data")
     os.chdir(project)  # the relative paths below are the user's, from where they ran job.py

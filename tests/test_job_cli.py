@@ -31,9 +31,22 @@ def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
         (["--max_steps", "0"], "--max_steps must be a positive step count or -1"),
         (["--learning_rate", "0"], "--learning_rate must be > 0"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
-        (["--image_root", "/no/such/images"], "--image_root /no/such/images is not a directory"),
+        (
+            ["--image_root", "/no/such/images"],
+            "--image_root /no/such/images does not exist or is not a folder",
+        ),
         (["--workspace", "/proc/not-writable"], "--workspace /proc/not-writable is not writable"),
         (["--gpu", "[0],[1"], "--gpu '[0],[1' is malformed"),
+        (["--export_dir", "/proc/no-export"], "--export_dir /proc/no-export is not writable"),
+        (["--max_bad_sample_fraction", "1.5"], "--max_bad_sample_fraction must be in [0, 1], got 1.5"),
+        (["--max_pixels", "100", "--min_pixels", "784"], "--max_pixels 100 is below --min_pixels 784"),
+        (["--max_image_pixels", "0"], "--max_image_pixels must be >= 1, got 0"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0, got -1"),
+        (["--lora", "true", "--lora_r", "0"], "--lora_r must be >= 1, got 0"),
+        (
+            ["--master_port_base", "65500", "--backend", "official"],
+            "beyond 65535; pass a lower --official_master_port",
+        ),
     ],
 )
 def test_flags_that_cannot_work_are_refused_in_one_line(
@@ -100,4 +113,6 @@ def test_the_printed_commands_are_quoted_and_absolute(tmp_path, monkeypatch):
     command = shlex.split(fl_job.evaluate_command(job, "/ws/global model_hf"))
     assert command == [sys.executable, str(Path(fl_job.REPO_DIR) / "run_inference.py"), "--model_path",
                        "/ws/global model_hf", "--data_file", str(tmp_path / "my data" / "test.json")]  # fmt: skip
+    with_root = shlex.split(fl_job.evaluate_command(job, "/g", image_root="imgs"))
+    assert with_root[4:6] == ["--image_root", str(tmp_path / "imgs")]
     assert fl_job.exported_job_folder(job) == str(tmp_path / "out dir" / job.job_name)

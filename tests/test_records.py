@@ -155,6 +155,10 @@ def turns(*pairs: tuple[str, str], n_images: int = 1) -> dict:
         (turns(("human", "q"), ("gpt", "a"), ("gpt", "and more")), "answer_without_question"),
         (turns(("human", "q"), ("gpt", "a"), ("human", "  "), ("gpt", "b")), "empty_question"),
         (turns(("human", ""), ("gpt", "a"), ("human", "<image>\nq2"), ("gpt", "b")), "empty_question"),
+        (
+            turns(("human", ""), ("gpt", "a"), ("human", "  "), ("gpt", "b")),
+            "empty_question",
+        ),  # 2nd blank too
         (turns(("human", "q"), ("gpt", "See <image> here.")), "placeholder_in_answer"),
         (turns(("human", "q"), ("assistant", "a")), "unknown_role"),
         (turns(("system", "be nice"), ("human", "q"), ("gpt", "a")), "unknown_role"),

@@ -320,7 +320,7 @@ def test_finetuned_scores_higher_than_base_on_held_out(
         (["--device", "tpu9"], "--device tpu9: not a torch device"),
         (["--data_file", "no/such/test.json"], "--data_file no/such/test.json does not exist"),
         (["--image_root", "no/such/root"], "--image_root no/such/root (= "),
-        (["--max_image_pixels", "0"], "--max_image_pixels 0: must be >= 1"),
+        (["--max_image_pixels", "0"], "--max_image_pixels must be >= 1, got 0"),
     ],
     ids=[
         "max_samples",
@@ -446,7 +446,7 @@ def test_server_hf_directories_record_their_base_and_still_load(ckpts, tmp_path,
     full_cfg = ModelConfig(model_name_or_path=str(tiny_model_dir))
     full = write_hf_directory(ckpts["full"], full_cfg, tmp_path / "full_hf")
     assert json.loads((full / FL_RECORD).read_text()) == {
-        "format": 1, "kind": "full", "base_model": str(tiny_model_dir), "lora": None
+        "format": 1, "kind": "full", "base_model": str(tiny_model_dir), "base_model_id": None, "lora": None
     }  # fmt: skip
     Qwen3VLForConditionalGeneration.from_pretrained(full)  # the extra file does not disturb loading
 
@@ -455,7 +455,7 @@ def test_server_hf_directories_record_their_base_and_still_load(ckpts, tmp_path,
     lora_state = torch.load(ckpts["dir"] / "lora.pt", weights_only=True)["model"]
     adapter = write_hf_directory(lora_state, lora_cfg, tmp_path / "lora_hf")
     assert json.loads((adapter / FL_RECORD).read_text()) == {
-        "format": 1, "kind": "lora", "base_model": str(tiny_model_dir),
+        "format": 1, "kind": "lora", "base_model": str(tiny_model_dir), "base_model_id": None,
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
     }  # fmt: skip
     base = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model_dir)
@@ -469,7 +469,7 @@ def test_server_hf_directories_record_their_base_and_still_load(ckpts, tmp_path,
 def test_every_checkpoint_answers_the_same_usable_records(
     ckpts, tmp_path, capsys, tiny_model_dir, tiny_finetuned_dir, synth_dir, synth_split
 ):
-    """Bug fixed here: one 0-byte / non-image / 10000x3 image crashed run_inference.py."""
+    """A 0-byte, non-image or 10000x3 image is a counted skip in run_inference.py, not a crash."""
     root = tmp_path / "root"
     shutil.copytree(synth_dir, root)
     (root / "images" / "empty.jpg").write_bytes(b"")

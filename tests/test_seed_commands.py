@@ -7,7 +7,7 @@ commands; each runs here character for character in a fresh folder laid out as t
 relative paths: ``./data/site-1/train.json``, ``./PubMedVision/images/...`` and the tiny model where the
 README names ``Qwen/Qwen3-VL-2B-Instruct`` (a local folder of that name, which transformers prefers
 over the hub). The hub is out of reach (``HF_HUB_OFFLINE=1``, an empty ``HF_HOME``): a command that
-needed it, as a default base row once did (30 s of retries, then an error), fails here.
+needed it (a base row from the hub, say) fails here.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_option_a_nvflare_global_model_pt(seed_dir, trained_state, tiny_model_di
 
 
 def test_option_b_checkpoint_dir_without_a_recorded_base_runs_alone(seed_dir, tiny_finetuned_dir):
-    """Bug fixed here: the base row defaulted to the hub id; offline the command failed after 30 s."""
+    """An HF directory that records no base runs alone: no base row is fetched from the hub."""
     shutil.copytree(tiny_finetuned_dir, seed_dir / "path" / "to" / "checkpoint-xxx")  # save_pretrained output
     out, rows = run_seed(SEED_OPTION_B, seed_dir)
     assert rows == ["fine-tuned: ./path/to/checkpoint-xxx (hf)"]
