@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package live
 
 from qwen3vl_sft.config import JobConfig, PrepareDataConfig, TrainConfig, parse, with_defaults  # noqa: E402
 from qwen3vl_sft.demo import DEMO_DATA, DEMO_TRAIN  # noqa: E402
-from qwen3vl_sft.fileio import atomic_write_json  # noqa: E402
+from qwen3vl_sft.fileio import atomic_write_json, json_safe  # noqa: E402
 from qwen3vl_sft.synthetic import QUADRANTS  # noqa: E402
 
 FL_MIN_ACCURACY = 0.90
@@ -458,17 +458,6 @@ def format_targets(targets: list[dict]) -> str:
         value = f"{t['value']:.3f}x" if t.get("ratio") else f"{t['value']:.1%}"
         lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {value}")
     return "\n".join(lines)
-
-
-def json_safe(value):
-    """NaN -> None, recursively (JSON has no NaN)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def progress(message: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import synthetic, tiny
 from .config import DataConfig, JobConfig, ModelConfig, PrepareDataConfig, TrainConfig, with_defaults
+from .fileio import json_safe
 
 DEMO_DIR = Path("demo")
 # Measured on 2 CPU cores: 3 sites x 5 rounds x 100 steps reach 96 % held-out accuracy in under 3 minutes.
@@ -77,17 +78,6 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _no_nan(obj):
-    """``obj`` with NaN as None: JSON has no NaN (Python would write an invalid file)."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_no_nan(v) for v in obj]
-    return obj
-
-
 def report_demo(job: JobConfig, model: ModelConfig, data: DataConfig, summary) -> dict:
     """Before/after table on the held-out test set, plus the report files."""
     from .evaluate import evaluate_model_dir
@@ -104,7 +94,7 @@ def report_demo(job: JobConfig, model: ModelConfig, data: DataConfig, summary) -
         "rounds": summary.rows,
         "global_model_dir": summary.global_model_dir,
     }
-    (out / "demo_results.json").write_text(json.dumps(_no_nan(result), indent=2) + "\n")
+    (out / "demo_results.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
     print(f"\nHeld-out test set ({test_file}, {after['samples']} samples)")
     print(f"{'model':<22}{'loss':>10}{'accuracy':>10}{'ROUGE-L':>10}")
     for label, scores in (("base (before FL)", before), (f"global (round {job.num_rounds - 1})", after)):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,3 +159,35 @@ def publish(stage: str, dest_dir: str, names: list[str]) -> None:
         else:
             os.replace(src, dst)
     _fsync_dir(dest_dir)
+
+
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Fail before minutes of work, not after, when ``folder`` (named by ``flag``) cannot be written.
+
+    Nothing is created: the folder, or the nearest existing folder above it, takes a temporary file.
+    """
+    from .records import DataError
+
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise DataError(
+            f"{flag} {folder} is not writable ({err.strerror or err}); pass a writable folder"
+        ) from err
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN as None, recursively: JSON has no NaN (Python would write an invalid file)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value

@@ -29,7 +29,7 @@ from .config import (
     check_model_flags,
     to_flags,
 )
-from .fileio import atomic_path
+from .fileio import atomic_path, check_writable
 from .fl_watch import failure_line, read_failure
 from .records import DataError
 
@@ -90,17 +90,6 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
         check_writable(job.export_dir, "--export_dir")
     else:
         check_writable(job.workspace, "--workspace")
-
-
-def check_writable(folder: str, flag: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise DataError(
-            f"{flag} {folder} is not writable ({err.strerror or err}); pass a writable folder"
-        ) from err
 
 
 def gpu_groups(job: JobConfig, cuda_devices: int) -> list[list[int]] | None:

@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from .checkpoints import read_fl_record, usable_base
 from .config import DataConfig, InferenceConfig, ModelConfig, check_data_flags
 from .data import RecordDataset, SampleBuilder, build_dataset, resolve_image_root
 from .evaluate import evaluate_answers, first_answer, first_question
+from .fileio import check_writable
 from .modeling import (
     ModelError,
     from_pretrained,
@@ -474,14 +474,7 @@ def report_rows(results: list[Evaluation]) -> list[dict]:
 
 def ensure_output_dir(path: str | os.PathLike) -> None:
     """Fail before minutes of evaluation, not after, when the report folder cannot be written."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise DataError(
-            f"--output_dir {path}: not writable ({err.strerror or err}); pass a writable folder"
-        ) from err
+    check_writable(path, "--output_dir")
 
 
 def write_report(output_dir, dataset: RecordDataset, results: list[Evaluation], cfg: InferenceConfig) -> dict:

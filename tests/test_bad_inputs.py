@@ -48,14 +48,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from image_files import png_header_only
 from PIL import Image
 
 import job
@@ -70,22 +69,6 @@ REPO = Path(__file__).resolve().parents[1]
 def record(image: str, rid: str = "rec-1") -> dict:
     return {"id": rid, "image": [image], "conversations": [
         {"from": "human", "value": "<image>\nWhere is the lesion?"}, {"from": "gpt", "value": "upper left"}]}  # fmt: skip
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` pixels but holds almost no pixel data: decoding it
-    fails ("truncated"), so an error about its size proves it was refused from the header alone."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def skip_reason(processor, root: Path, image: str, **data_kw) -> SkipSample:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
-import zlib
 
 import pytest
+from image_files import png_header_only
 from PIL import Image
 
 from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
@@ -28,22 +27,6 @@ from qwen3vl_sft.train import SFTConfig, SFTEngine
 def record(image: str, rid: str) -> dict:
     return {"id": rid, "image": [image], "conversations": [
         {"from": "human", "value": "<image>\nWhere is the lesion?"}, {"from": "gpt", "value": "upper left"}]}  # fmt: skip
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG declaring ``width`` x ``height`` with almost no pixel data: decoding it fails as truncated,
-    so a refusal about its size proves the header alone was read."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def png_bytes(size: tuple[int, int]) -> bytes:
