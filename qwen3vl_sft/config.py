@@ -122,7 +122,8 @@ class DataConfig:
     max_bad_sample_fraction: float = _f(
         0.05,
         "Abort the round when more than this fraction of samples has a defective image (missing, empty, "
-        "not an image, truncated, too large, aspect ratio beyond 200:1, outside the image root).",
+        "not an image, truncated, too large, aspect ratio beyond 200:1, outside the image root), beyond "
+        "sampling noise: the Wilson lower bound (3 standard errors) of the share seen must exceed it.",
     )
     max_image_side: int = _f(
         16384,

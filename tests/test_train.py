@@ -130,3 +130,18 @@ def test_cli_trains_the_tiny_model_from_chance_to_90_percent(tiny_model_dir, tmp
     evaluation = eval(out.split("eval:", 1)[1].splitlines()[0])  # the CLI prints a dict literal
     assert evaluation["accuracy"] >= 0.9, out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_bad_image_limit_is_judged_beyond_sampling_noise():
+    """A round draws samples at random: 2 defective in the first 20 (10 %) is what a shard with 3 %
+    broken images shows by chance, and must not abort at a 5 % limit; a gone image root (all bad) and
+    a quarter bad must. Wilson lower bounds at z = 3, computed by hand."""
+    from qwen3vl_sft.train import bad_share_lower_bound
+
+    assert bad_share_lower_bound(0, 20) == 0.0 and bad_share_lower_bound(0, 0) == 0.0
+    assert round(bad_share_lower_bound(2, 20), 4) == 0.0160  # (0.1 + 0.225 - 0.3019) / 1.45
+    assert round(bad_share_lower_bound(20, 20), 4) == 0.6897  # (1 + 0.225 - 0.225) / 1.45
+    assert round(bad_share_lower_bound(5, 20), 4) == 0.0742  # above 0.05: a quarter bad aborts
+    assert (
+        bad_share_lower_bound(200, 4000) < 0.05 < bad_share_lower_bound(300, 4000)
+    )  # 5 % vs 7.5 %, long round
