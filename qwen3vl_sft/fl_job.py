@@ -8,12 +8,14 @@ self-contained job folder for ``nvflare job submit``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -450,9 +452,12 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
     env = execution_env(job, cuda_devices)
     search_dir = Path(poc_workspace(job) if job.env == "poc" else Path(job.workspace) / job.job_name)
     try:
-        # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
-        result_dir = recipe.run(env).get_result(clean_up=job.env != "poc")
+        with noticing_ctrl_c() as interrupted:
+            # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
+            result_dir = recipe.run(env).get_result(clean_up=job.env != "poc")
     except RuntimeError as err:
+        if interrupted:  # NVFlare's simulator turns Ctrl-C into "failed with return code -9"
+            raise KeyboardInterrupt from None
         if not str(err).startswith("Simulation failed"):
             raise  # not the simulator's report of a failed job: a bug, shown as one
         raise JobFailed(failure_message(search_dir, str(err).splitlines()[0])) from None
@@ -462,6 +467,25 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
     if not result_dir and job.env == "poc":
         raise JobFailed(f"the PoC job returned no result; see the logs under {search_dir}")
     return summarize(job, result_dir, image_root)
+
+
+@contextlib.contextmanager
+def noticing_ctrl_c():
+    """A list that holds True once SIGINT arrived inside the block; the previous handler still runs
+    (it raises KeyboardInterrupt, which NVFlare's simulator catches and reports as a failed run)."""
+    seen: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def note(signum, frame):
+        seen.append(True)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def server_log(search_dir: str | os.PathLike) -> str:

@@ -116,3 +116,33 @@ def test_the_printed_commands_are_quoted_and_absolute(tmp_path, monkeypatch):
     with_root = shlex.split(fl_job.evaluate_command(job, "/g", image_root="imgs"))
     assert with_root[4:6] == ["--image_root", str(tmp_path / "imgs")]
     assert fl_job.exported_job_folder(job) == str(tmp_path / "out dir" / job.job_name)
+
+
+def test_ctrl_c_inside_nvflares_simulator_is_reported_as_an_interrupt(tmp_path, monkeypatch):
+    """NVFlare's simulator catches KeyboardInterrupt, kills its workers and reports "Simulation failed
+    with return code -9"; run_job turns that back into the interrupt it was (job.py: exit 130)."""
+    import os
+    import signal
+
+    class SimulatorLike:
+        def run(self, env):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this process
+            except KeyboardInterrupt:
+                raise RuntimeError("Simulation failed with return code -9. Logs are in ...") from None
+            raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(fl_job, "execution_env", lambda job, cuda: None)
+    job = JobConfig(workspace=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        fl_job.run_job(job, SimulatorLike(), 0)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+    class FailingSimulator:
+        def run(self, env):
+            raise RuntimeError("Simulation failed with return code 2. Logs are in ...")
+
+    with pytest.raises(
+        fl_job.JobFailed, match=r"^Simulation failed with return code 2. Logs are in \(server log: "
+    ):
+        fl_job.run_job(job, FailingSimulator(), 0)
