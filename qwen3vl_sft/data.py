@@ -283,6 +283,9 @@ class RecordDataset(torch.utils.data.Dataset):
         self.builder = builder
         self.cache: dict[int, dict] | None = {} if cache else None
         self.image_skips: list[str] = []  # reasons of the records screen() dropped
+        # Records already reported: a round draws a record many times (1000 steps over a small shard
+        # logged 447 identical warnings, measured), so each is logged once per process; skips still count.
+        self._reported: set[int] = set()
 
     def screen(self, limit: int = 0) -> list[str]:
         """Keep only records whose images all pass the image rule (the first ``limit`` such when > 0).
@@ -310,6 +313,7 @@ class RecordDataset(torch.utils.data.Dataset):
         so the cache starts again."""
         self.records = records
         self.cache = {} if self.cache is not None else None
+        self._reported = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -320,7 +324,9 @@ class RecordDataset(torch.utils.data.Dataset):
         try:
             return self.builder(self.records[index])
         except SkipSample as err:
-            logger.warning("Skipping sample: %s", err)
+            if index not in self._reported:
+                self._reported.add(index)
+                logger.warning("Skipping sample: %s", err)
             return {"skipped": err.kind, "reason": str(err)}
 
     def fill_cache(self, num_workers: int) -> None:

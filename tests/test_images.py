@@ -141,6 +141,20 @@ def sft_config(tiny_model_dir, data_file, root, tmp_path, fraction: float) -> SF
     )
 
 
+def test_a_defective_record_drawn_again_is_counted_each_time_and_logged_once(processor, root, caplog):
+    records = [
+        record(make_defect(root, "zero-byte"), "bad-1"),
+        record(make_defect(root, "aspect-wide"), "bad-2"),
+    ]
+    path = root.parent / "train.json"
+    path.write_text(json.dumps(records))
+    dataset = build_dataset(processor, DataConfig(image_root=str(root)), str(path))
+    draws = [dataset[i] for i in (0, 1, 0, 0, 1)]
+    assert [d["skipped"] for d in draws] == ["image"] * 5  # every draw counts toward the bad fraction
+    assert caplog.text.count("Skipping sample: record 'bad-1'") == 1
+    assert caplog.text.count("Skipping sample: record 'bad-2'") == 1
+
+
 def test_training_round_counts_every_defect_and_still_aborts_past_the_fraction(
     tiny_model_dir, root, tmp_path
 ):
