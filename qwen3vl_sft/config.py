@@ -21,6 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .records import DataError
+
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 DEFAULT_DATA_FILE = "PubMedVision/PubMedVision_InstructionTuning_VQA.json"
 HF_DATASET_ID = "FreedomIntelligence/PubMedVision"
@@ -229,7 +231,7 @@ class BackendConfig:
 
 
 def check_data_flags(data: DataConfig) -> None:
-    """Refuse DataConfig values no site could train or validate with (ValueError: one line naming the
+    """Refuse DataConfig values no site could train or validate with (DataError: one line naming the
     flag). Shared by job.py, the training CLI and run_inference.py, so each refuses them up front."""
     problems = [
         (data.model_max_length < 1, f"--model_max_length must be >= 1, got {data.model_max_length}"),
@@ -243,24 +245,25 @@ def check_data_flags(data: DataConfig) -> None:
         (data.val_generate_samples < 0, f"--val_generate_samples must be >= 0, got {data.val_generate_samples}"),
         (data.val_max_new_tokens < 1, f"--val_max_new_tokens must be >= 1, got {data.val_max_new_tokens}"),
     ]  # fmt: skip
-    _refuse(problems)
+    refuse(problems)
 
 
 def check_model_flags(model: ModelConfig) -> None:
-    """Refuse ModelConfig values that cannot work (ValueError naming the flag)."""
+    """Refuse ModelConfig values that cannot work (DataError naming the flag)."""
     problems = [
         (model.lora and model.lora_r < 1, f"--lora_r must be >= 1, got {model.lora_r}"),
         (model.lora and model.lora_alpha <= 0, f"--lora_alpha must be > 0, got {model.lora_alpha}"),
         (model.lora and not 0 <= model.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {model.lora_dropout}"),
         (model.lora and not model.lora_targets(), "--lora_target_modules names no module"),
     ]  # fmt: skip
-    _refuse(problems)
+    refuse(problems)
 
 
-def _refuse(problems: list[tuple[bool, str]]) -> None:
+def refuse(problems: list[tuple[bool, str]]) -> None:
+    """DataError with the message of the first (condition, message) pair whose condition holds."""
     for failed, message in problems:
         if failed:
-            raise ValueError(message)
+            raise DataError(message)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -60,11 +60,8 @@ def site_names(n_clients: int) -> list[str]:
 def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     """Refuse, in one line naming the flag, values the job could only fail on later (inside NVFlare)."""
     site_names(job.n_clients)
-    try:
-        check_data_flags(data)
-        check_model_flags(model)
-    except ValueError as err:
-        raise DataError(str(err)) from None
+    check_data_flags(data)
+    check_model_flags(model)
     at_least_one = {"--num_rounds": job.num_rounds, "--nproc_per_client": job.nproc_per_client,
                     "--per_device_train_batch_size": train.per_device_train_batch_size,
                     "--gradient_accumulation_steps": train.gradient_accumulation_steps}  # fmt: skip
@@ -461,9 +458,9 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
         if not str(err).startswith("Simulation failed"):
             raise  # not the simulator's report of a failed job: a bug, shown as one
         raise JobFailed(failure_message(search_dir, str(err).splitlines()[0])) from None
-    failure = read_failure(result_dir or search_dir)
-    if failure is not None:
-        raise JobFailed(failure_line(failure, server_log(result_dir or search_dir)))
+    reason = failure_message(result_dir or search_dir)
+    if reason:  # the server stopped the job, yet the run reported no failure (PoC does so)
+        raise JobFailed(reason)
     if not result_dir and job.env == "poc":
         raise JobFailed(f"the PoC job returned no result; see the logs under {search_dir}")
     return summarize(job, result_dir, image_root)
@@ -493,8 +490,12 @@ def server_log(search_dir: str | os.PathLike) -> str:
     return str(found[0]) if found else str(search_dir)
 
 
-def failure_message(search_dir: Path, fallback: str) -> str:
+def failure_message(search_dir: str | os.PathLike, fallback: str = "") -> str:
+    """Why the job under ``search_dir`` stopped (the server's job_failure.json), else ``fallback``;
+    with the server log named. '' when the server recorded no failure and there is no fallback."""
     failure = read_failure(search_dir)
+    if failure is None and not fallback:
+        return ""
     log = server_log(search_dir)
     return failure_line(failure, log) if failure else f"{fallback.rstrip('. ')} (server log: {log})"
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import read_fl_record, usable_base
-from .config import DataConfig, InferenceConfig, ModelConfig, check_data_flags
+from .config import DataConfig, InferenceConfig, ModelConfig, check_data_flags, refuse
 from .data import RecordDataset, SampleBuilder, build_dataset, resolve_image_root
 from .evaluate import evaluate_answers, first_answer, first_question
 from .fileio import check_writable
@@ -336,15 +336,11 @@ def check_flags(cfg: InferenceConfig) -> None:
             "(prepare_data.py writes data/test.json and data/site-N/train.json)",
         ),
     ]
-    for failed, message in problems:
-        if failed:
-            raise DataError(message)
-    try:
-        check_data_flags(data_config(cfg))  # the image limits, as training checks them
-    except ValueError as err:
-        raise DataError(str(err)) from None
+    refuse(problems)
+    data = data_config(cfg)
+    check_data_flags(data)  # the image limits, as training checks them
     _check_device(cfg.device)
-    resolve_image_root(data_config(cfg), Path(cfg.data_file))  # DataError naming a root that is missing
+    resolve_image_root(data, Path(cfg.data_file))  # DataError naming a root that is missing
 
 
 def _check_device(name: str) -> None:

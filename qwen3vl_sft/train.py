@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_data_flags(data_cfg)
         check_model_flags(model_cfg)
-    except ValueError as err:
+    except DataError as err:
         sys.exit(f"error: {err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     engine = SFTEngine(SFTConfig(model_cfg, data_cfg, train_cfg))
