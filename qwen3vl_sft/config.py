@@ -218,7 +218,10 @@ class BackendConfig:
     )
     qwen3vl_root: str = _f("", "Clone of QwenLM/Qwen3-VL for --backend official (or env QWEN3VL_ROOT).")
     qwen3vl_python: str = _f("", "Python of the environment built for the clone (or env QWEN3VL_PYTHON).")
-    work_dir: str = _f("", "Parent of qwen3vl_checkpoints/ for the official backend (default: current dir).")
+    work_dir: str = _f(
+        "",
+        "Official backend: each site works in <work_dir>/<site>/ (default work_dir: the site's current dir).",
+    )
     official_nproc_per_node: int = _f(1, "Processes (GPUs) the official backend's child torchrun starts.")
     official_master_port: int = _f(
         0,

@@ -7,7 +7,8 @@ client.py <flags>``; rank 0 talks to NVFlare and broadcasts to the other ranks. 
 2. load it into the local model, strictly by name (frozen tensors stay local);
 3. validate it on the site's ``val.json`` (rank 0) -> ``val_loss``, ``val_accuracy`` (short answers),
    ``val_rouge_l`` / ``val_token_f1`` (generated answers), ``val_skipped_images``;
-4. train one round in-process;
+4. train one round in-process (``--backend official``: in the clone's ``train()``, after the received
+   model was validated here, with the same evaluator, and freed);
 5. send the trainable tensors (bf16) with metrics; ``NUM_STEPS_CURRENT_ROUND`` = samples trained, so
    FedAvg weights each site by the work it did.
 
@@ -18,6 +19,7 @@ so the site is left out of that round's average instead of averaging stale weigh
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -69,19 +71,43 @@ def broadcast(obj, world_size: int):
     return box[0]
 
 
-def validate(engine: SFTEngine, data: DataConfig) -> dict[str, float]:
+def validate(model, processor, data: DataConfig) -> dict[str, float]:
     """Loss and accuracy of the received global model on the site's validation file (if any)."""
     if not data.eval_data_path:
         return {}
     from .evaluate import evaluate_file
 
     start = time.monotonic()
-    scores = evaluate_file(engine.model, engine.processor, data, data.eval_data_path)
+    scores = evaluate_file(model, processor, data, data.eval_data_path)
     metrics = {
         f"val_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and math.isfinite(v)
     }
     metrics["val_seconds"] = time.monotonic() - start
     return metrics
+
+
+def validate_weights(config: SFTConfig, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`validate` of the base checkpoint with ``weights`` loaded, for a backend whose rounds run
+    elsewhere (the official one); the model is freed before returning, so training gets the memory."""
+    if not config.data.eval_data_path:
+        return {}
+    from .modeling import load_model, load_processor
+    from .weights import load_exchanged
+
+    model = load_model(config.model)
+    try:
+        load_exchanged(model, weights)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        processor = load_processor(
+            config.model.model_name_or_path, config.data, config.model.trust_remote_code
+        )
+        return validate(model, processor, config.data)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def check_site_paths(data: DataConfig) -> None:
@@ -127,19 +153,23 @@ class SiteRunner:
             return self._official_round(received, current_round, total_rounds)
         if self.engine is None or not self.config.train.keep_model_between_rounds:
             self.engine = SFTEngine(self.config)
-        self.engine.apply(received)  # before validating: val_* must score the received global model
-        val = validate(self.engine, self.config.data) if self.rank == 0 else {}
-        result = self.engine.train_round(round_index=current_round, num_rounds=total_rounds)
+        engine = self.engine
+        engine.apply(received)  # before validating: val_* must score the received global model
+        val = validate(engine.model, engine.processor, self.config.data) if self.rank == 0 else {}
+        result = engine.train_round(round_index=current_round, num_rounds=total_rounds)
         result.metrics.update(val)
         return result
 
     def _official_round(self, received, current_round: int, total_rounds: int) -> RoundResult:
-        """The clone's train() does the round; it evaluates nothing, so no val_* metrics."""
+        """The clone's train() does the round; the received global is scored first by our evaluator."""
         from .official import from_config
 
         if self.official is None:
-            self.official = from_config(self.config, self.backend)
-        return self.official.train_round(received, round_index=current_round, num_rounds=total_rounds)
+            self.official = from_config(self.config, self.backend, site=self.site)
+        val = validate_weights(self.config, received)  # its memory is released before training starts
+        result = self.official.train_round(received, round_index=current_round, num_rounds=total_rounds)
+        result.metrics.update(val)
+        return result
 
 
 def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:

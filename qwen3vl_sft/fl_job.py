@@ -183,6 +183,7 @@ def site_backends(job: JobConfig, backend: BackendConfig, taken: list[int]) -> l
     per site, counted from --official_master_port or --master_port_base + 100 (and not in ``taken``)."""
     if backend.backend != "official":
         return [backend] * job.n_clients
+    backend = dataclasses.replace(backend, **absolute_backend_paths(backend))
     base = backend.official_master_port or job.master_port_base + 100
     wanted = [base + i for i in range(job.n_clients)]
     ports = free_ports(wanted, "--official_master_port", check=not job.export_dir)
@@ -195,6 +196,14 @@ def site_backends(job: JobConfig, backend: BackendConfig, taken: list[int]) -> l
         dataclasses.replace(backend, official_nproc_per_node=job.nproc_per_client, official_master_port=port)
         for port in ports
     ]
+
+
+def absolute_backend_paths(backend: BackendConfig) -> dict[str, str]:
+    """The clone, its python and the work dir as typed here, made absolute: sites run from elsewhere."""
+    paths = {"qwen3vl_root": backend.qwen3vl_root, "work_dir": backend.work_dir}
+    if os.sep in backend.qwen3vl_python:  # a bare command name is looked up on each site's PATH
+        paths["qwen3vl_python"] = backend.qwen3vl_python
+    return {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v}
 
 
 def absolute_model_path(model: ModelConfig) -> ModelConfig:

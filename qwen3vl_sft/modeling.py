@@ -12,12 +12,12 @@ everything is frozen and PEFT adapters on ``lora_target_modules`` are the only t
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
 
 from .config import DataConfig, ModelConfig
+from .official_launch import flash_attn_available
 
 logger = logging.getLogger(__name__)
 MERGER_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
@@ -43,7 +43,7 @@ def resolve_attention(name: str, cuda: bool, flash_attn: bool | None = None) -> 
     if name != "auto":
         return name
     if flash_attn is None:
-        flash_attn = importlib.util.find_spec("flash_attn") is not None
+        flash_attn = flash_attn_available()
     return "flash_attention_2" if cuda and flash_attn else "sdpa"
 
 

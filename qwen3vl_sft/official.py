@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -62,7 +61,8 @@ MODEL_DIR_NAMES = {"qwen3_vl": "qwen3-vl-dense", "qwen3_vl_moe": "qwen3-vl-moe-b
 OUTPUT_DIR_NAME = "output"
 # Set by the torchrun that may have started *this* process; the child's own torchrun must not see them.
 _LAUNCHER_VARS = (*TORCHRUN_VARS, "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
-_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)(:|$)")
+# Variables that tie a Python to our environment; the clone's interpreter must not inherit them.
+_PARENT_PYTHON_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONSAFEPATH")
 _NON_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
 
@@ -142,8 +142,10 @@ def probe_environment(python: str, finetune_dir: str) -> Environment:
         # -c, not the file path: running a file inside our package would put the package folder (with
         # modules named data, train, config ...) first on the child's sys.path.
         done = subprocess.run(
-            [python, "-c", source, "probe", finetune_dir], capture_output=True, text=True, timeout=600
-        )
+            [python, "-c", source, "probe", finetune_dir],
+            capture_output=True, text=True, timeout=600,
+            env=child_environment(Path(finetune_dir)), cwd=finetune_dir,  # -c puts the cwd on sys.path
+        )  # fmt: skip
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith(official_launch.PROBE_PREFIX)]
         if done.returncode != 0 or not lines:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -164,8 +166,8 @@ def choose_mode(requested: str, env: Environment) -> tuple[str, str]:
     if env.problems:
         raise OfficialBackendError(
             f"the Qwen3-VL clone cannot run under {env.describe()}: {'; '.join(env.problems)}. "
-            f"Build the environment it pins (transformers 4.57, torch 2.6, flash-attn, CUDA; see "
-            f"docs/official_backend.md) and pass its python with --qwen3vl_python or {PYTHON_ENV}"
+            f"Build the environment it pins with `bash install_requirements.sh --official ENV_DIR` "
+            f"(docs/official_backend.md) and pass ENV_DIR/bin/python with --qwen3vl_python or {PYTHON_ENV}"
         )
     if requested not in ("auto", "in_process", "subprocess"):
         raise OfficialBackendError(f"mode must be auto, in_process or subprocess, not {requested!r}")
@@ -344,11 +346,18 @@ def upstream_arguments(
 
 
 def child_environment(finetune_dir: Path) -> dict[str, str]:
+    """The environment for the clone's interpreter: ours minus anything that points into our Python.
+
+    NVFlare copies its whole ``sys.path`` (our site-packages included) into ``PYTHONPATH`` for every
+    process it starts; passed on, that would make the clone's Python import our transformers 5 instead
+    of its own 4.57. So the child's path is the clone's folders and nothing else.
+    """
     env = {
-        k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARS and k not in _PARENT_PYTHON_VARS and not k.startswith("TORCHELASTIC_")
     }
-    paths = [str(p) for p in official_launch.search_roots(finetune_dir)]
-    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in official_launch.search_roots(finetune_dir))
     env["PYTHONUNBUFFERED"] = "1"  # lines reach our log as they are printed
     return env
 
@@ -357,7 +366,7 @@ def run_logged(command: list[str], env: dict[str, str], cwd: Path, log_path: Pat
     """Run ``command``, copying its output line by line to ``log_path`` and to our logger."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Starting: %s (log: %s)", " ".join(command), log_path)
-    cause, last = "", ""
+    last = ""
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(
             command,
@@ -373,13 +382,13 @@ def run_logged(command: list[str], env: dict[str, str], cwd: Path, log_path: Pat
             log.flush()
             logger.info("[qwen3vl] %s", line.rstrip())
             last = line.strip() or last
-            # The first exception line is the root cause; torchrun's own ChildFailedError report follows it.
-            if not cause and _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
-                cause = line.strip()
         code = proc.wait()
     if code != 0:
+        from .fl_watch import last_exception_line  # the rule that reads every site log ("[rank0]: ...")
+
+        cause = last_exception_line(log_path) or last
         raise OfficialBackendError(
-            f"official Qwen3-VL training failed (exit code {code}: {(cause or last)[:300]}); see {log_path}"
+            f"official Qwen3-VL training failed (exit code {code}): {cause[:300]}; log: {log_path}"
         )
 
 
@@ -452,8 +461,6 @@ def check_supported(config: SFTConfig) -> list[str]:
     notes = []
     if config.train.schedule_over_rounds:
         notes.append("schedule_over_rounds (upstream restarts warm-up and cosine every round)")
-    if config.data.eval_data_path:
-        notes.append("eval_data_path (upstream does not evaluate)")
     if config.data.max_bad_sample_fraction != DataConfig().max_bad_sample_fraction:
         notes.append("max_bad_sample_fraction (upstream retries other samples instead)")
     return notes
@@ -624,13 +631,23 @@ class OfficialBackend:
 # --------------------------------------------------------------------------- command line
 
 
-def from_config(config: SFTConfig, opts) -> OfficialBackend:
-    """The backend described by a :class:`~qwen3vl_sft.config.BackendConfig`."""
+def site_work_dir(work_dir: str, site: str) -> Path:
+    """A site's own work folder: ``<work_dir or cwd>/<site>``.
+
+    Always per site: with one folder for the job, co-located sites overwrote each other's launch.json
+    and model, and every site trained on the last writer's data.
+    """
+    return Path(work_dir or os.getcwd()).expanduser().resolve() / site
+
+
+def from_config(config: SFTConfig, opts, site: str = "") -> OfficialBackend:
+    """The backend described by a :class:`~qwen3vl_sft.config.BackendConfig`, for ``site`` if given."""
     return OfficialBackend(
         config,
         root=opts.qwen3vl_root or None,
         python=opts.qwen3vl_python or None,
-        work_dir=opts.work_dir or None,
+        work_dir=site_work_dir(opts.work_dir, site) if site else (opts.work_dir or None),
+        dataset_name=site or "site",
         nproc_per_node=opts.official_nproc_per_node,
         master_port=opts.official_master_port or None,
         mode=opts.official_mode,

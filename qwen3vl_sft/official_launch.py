@@ -8,6 +8,10 @@ module-level import of the clone's training code that does not resolve in this e
 ``train`` registers the site's data set in the clone's ``qwenvl.data.data_dict`` and calls its
 ``train(attn_implementation=...)`` (see :func:`run_train`).
 
+Without flash-attn (CPU machines, or GPUs it was not built for) both install an import-only stand-in
+for it in this process (:func:`stand_in_for_flash_attn`): the clone imports flash-attn at module level
+but calls it only for flattened batches, which need flash attention anyway. Nothing is written to disk.
+
 Standard library only: the clone's interpreter does not have our package installed, so
 :mod:`qwen3vl_sft.official` copies this file next to the round's checkpoint and runs it by path.
 In-process mode imports the same functions directly.
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 PROBE_PREFIX = "QWEN3VL_PROBE "
@@ -45,6 +51,52 @@ def add_clone_to_path(finetune_dir: str | Path) -> None:
     for root in reversed(search_roots(finetune_dir)):
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
+
+
+# --------------------------------------------------------------------------- flash-attn stand-in
+
+FLASH_ATTN = "flash_attn"
+
+
+def _refuse_flash_attn(name: str):
+    if name.startswith("__"):  # dunder probes (__version__, __file__ ...) must look absent, as they are
+        raise AttributeError(name)
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError(
+            f"flash_attn.{name} was called, but flash-attn is not installed in {sys.prefix}: only flattened "
+            "batches (data_flatten True) need it; install flash-attn there or train with sdpa attention"
+        )
+
+    return refuse
+
+
+def _stand_in_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, "Import-only stand-in for flash-attn (qwen3vl_sft official_launch).")
+    # A spec without a loader: importlib.util.find_spec() answers as for a real module, and
+    # importlib.metadata still finds no distribution, so transformers reports flash-attn unavailable.
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    module.__path__ = []
+    module.__getattr__ = _refuse_flash_attn  # PEP 562: every attribute is a function that refuses
+    return module
+
+
+def flash_attn_available() -> bool:
+    """flash-attn is importable here for real (the stand-in's spec has no loader)."""
+    spec = importlib.util.find_spec(FLASH_ATTN)
+    return spec is not None and spec.loader is not None
+
+
+def stand_in_for_flash_attn() -> bool:
+    """Make ``import flash_attn...`` succeed in this process when flash-attn is absent; True if installed.
+
+    The real package, when present, is never replaced (nor is a broken one hidden: it fails as itself).
+    """
+    if FLASH_ATTN in sys.modules or importlib.util.find_spec(FLASH_ATTN) is not None:
+        return False
+    for name in (FLASH_ATTN, f"{FLASH_ATTN}.flash_attn_interface", f"{FLASH_ATTN}.bert_padding"):
+        sys.modules[name] = _stand_in_module(name)
+    return True
 
 
 # --------------------------------------------------------------------------- probe
@@ -145,6 +197,8 @@ def _version(dist: str) -> str | None:
 
 def probe(finetune_dir: str | Path) -> dict:
     """What this environment offers the clone, and which of the clone's imports fail in it."""
+    flash_attn = flash_attn_available()
+    stand_in = stand_in_for_flash_attn()
     problems = [p for module, names in clone_imports(finetune_dir) if (p := check_import(module, names))]
     cuda = False
     if importlib.util.find_spec("torch") is not None:
@@ -156,7 +210,8 @@ def probe(finetune_dir: str | Path) -> dict:
         "prefix": sys.prefix,
         "versions": {d: _version(d) for d in ("torch", "transformers", "flash_attn", "deepspeed", "peft")},
         "cuda": cuda,
-        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+        "flash_attn": flash_attn,
+        "flash_attn_stand_in": stand_in,
         "problems": problems,
     }
 
@@ -173,6 +228,8 @@ def register_dataset(name: str, annotation_path: str, data_path: str) -> None:
 def run_train(spec: dict) -> None:
     """Register the data set and call the clone's ``train()`` with ``spec["argv"]`` as its command line."""
     add_clone_to_path(spec["finetune_dir"])
+    if spec["attn_implementation"] != "flash_attention_2":
+        stand_in_for_flash_attn()
     register_dataset(spec["dataset_name"], spec["annotation_path"], spec["data_path"])
     entry = importlib.import_module(ENTRY_MODULE)
     expected = search_roots(spec["finetune_dir"])[0]

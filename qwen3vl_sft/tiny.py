@@ -10,8 +10,9 @@ The directory loads with ``AutoProcessor.from_pretrained(DIR)`` and
   CPU demo.
 * ``qwen-ids``: a 151,936-entry vocabulary in which the special tokens, "assistant" (77091) and "\\n"
   (198) sit at the ids of the real Qwen3-VL tokenizer, with ``vocab.json``/``merges.txt`` for slow
-  tokenizers and ``rope_scaling`` beside ``rope_parameters`` for transformers 4.57 — for code that
-  hard-codes Qwen's ids, like the official Qwen3-VL fine-tuning scripts.
+  tokenizers, ``tokenizer_class: Qwen2Tokenizer`` and ``rope_scaling`` beside ``rope_parameters`` for
+  transformers 4.57 — for code that hard-codes Qwen's ids: the model for offline runs of the official
+  Qwen3-VL fine-tuning code (``--backend official``, in the environment built for it).
 
 Same seed, same bytes: the tokenizer is trained on a fixed corpus and the weights come from a seeded
 initialisation, so two builds are byte-identical.
@@ -217,6 +218,15 @@ def _write_slow_tokenizer_files(tokenizer, out: Path) -> None:
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
+def _name_qwen2_tokenizer(out: Path) -> None:
+    """``tokenizer_class: Qwen2Tokenizer``, as real Qwen3-VL checkpoints say: transformers 4.57 (the
+    official code's) has no class named after transformers 5's default ``TokenizersBackend``."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _add_legacy_rope_scaling(out: Path) -> None:
     """transformers 4.57 reads ``rope_scaling``; 5.x writes ``rope_parameters``. Ship both."""
     path = out / "config.json"
@@ -248,6 +258,7 @@ def build(output: str | os.PathLike, variant: str = "compact", seed: int = 0) ->
         processor.save_pretrained(tmp)
         if variant == "qwen-ids":
             _write_slow_tokenizer_files(tokenizer, tmp)
+            _name_qwen2_tokenizer(tmp)
             _add_legacy_rope_scaling(tmp)
     return out
 

@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
+import sysconfig
+import venv
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen3vl_sft import synthetic, tiny
+from qwen3vl_sft import official_launch, synthetic, tiny
 from qwen3vl_sft.config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
+from qwen3vl_sft.fl_client import SiteRunner, validate_weights
 from qwen3vl_sft.official import (
     Environment,
     OfficialBackend,
     OfficialBackendError,
+    from_config,
     model_dir_for,
+    run_logged,
     upstream_arguments,
     upstream_model_type,
 )
@@ -158,13 +165,33 @@ def test_in_process_rounds_train_from_received_weights_and_clean_between_rounds(
     assert_fake_loaded(fake_record(backend), second)
 
 
-def test_subprocess_round_in_another_python(config, tiny_model, tmp_path, caplog):
-    # A different interpreter path stands for the environment built for the clone.
-    other_python = tmp_path / "clone-env-python"
-    other_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    other_python.chmod(0o755)
+@pytest.fixture(scope="module")
+def clone_env_python(tmp_path_factory) -> Path:
+    """A separate, bare venv standing for the environment built for the clone.
+
+    Its site-packages holds links to our packages (what it needs to run the fake), under its own
+    prefix; the fake clone refuses to run when any *other* environment's site-packages is on sys.path.
+    """
+    root = tmp_path_factory.mktemp("envs") / "qwen3vl"
+    venv.create(root, with_pip=False, symlinks=True)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = root / "lib" / version / "site-packages"
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not (site / entry.name).exists():
+            (site / entry.name).symlink_to(entry)
+    return root / "bin" / "python"
+
+
+def test_subprocess_round_in_another_python_gets_a_path_of_its_own(
+    config, tiny_model, tmp_path, clone_env_python, monkeypatch, caplog
+):
+    """Bug fixed here: the child inherited PYTHONPATH, into which NVFlare copies the parent's whole
+    sys.path, so the clone's python imported our site-packages (transformers 5) instead of its own."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))  # what NVFlare gives the processes it starts
     caplog.set_level("INFO", logger="qwen3vl_sft.official")
-    backend = OfficialBackend(config, root=str(FAKE_ROOT), python=str(other_python), work_dir=tmp_path / "ws")
+    backend = OfficialBackend(
+        config, root=str(FAKE_ROOT), python=str(clone_env_python), work_dir=tmp_path / "ws"
+    )
     assert backend.mode == "subprocess" and not backend.env.current
     assert "subprocess mode (the clone's environment is another interpreter" in caplog.text
     names = exchanged_names(meta_model(config.model))
@@ -174,11 +201,111 @@ def test_subprocess_round_in_another_python(config, tiny_model, tmp_path, caplog
 
     assert list(result.weights) == names
     record = fake_record(backend)
+    assert record["python_prefix"] == str(clone_env_python.parent.parent)
     assert_fake_loaded(record, start)
     assert record["world_size"] == 1  # started by torchrun, process group set up
     log = (tmp_path / "ws" / "qwen3vl_logs" / "round-0.log").read_text()
     assert "train_loss" in log and "[qwen3vl]" in caplog.text
     assert result.metrics["steps"] == 1 and math.isfinite(result.metrics["train_loss"])
+
+
+def test_flash_attn_stand_in_satisfies_imports_and_refuses_calls():
+    """Without flash-attn the clone's module-level import works; a call names what to do; transformers
+    still sees no flash-attn. Run in a fresh interpreter: the stand-in must not leak into this one."""
+    code = (
+        "import importlib.metadata, sys; sys.path.insert(0, sys.argv[1]); import official_launch as ol\n"
+        "assert ol.stand_in_for_flash_attn() and not ol.stand_in_for_flash_attn()\n"
+        "from flash_attn.flash_attn_interface import flash_attn_varlen_func\n"
+        "import flash_attn; assert not hasattr(flash_attn, '__version__') and not ol.flash_attn_available()\n"
+        "from transformers.utils import is_flash_attn_2_available; assert not is_flash_attn_2_available()\n"
+        "flash_attn_varlen_func(1, 2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(official_launch.__file__).parent)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "RuntimeError: flash_attn.flash_attn_varlen_func was called, but flash-attn is not"
+    )
+    assert "data_flatten" in last and "sdpa" in last
+
+
+TORCHRUN_FAILURE = """\
+[rank0]: Traceback (most recent call last):
+[rank0]:   File "/srv/qwen3vl_checkpoints/official_launch.py", line 250, in <module>
+[rank0]:     raise ValueError(f"Tokenizer class {name} does not exist or is not currently imported.")
+[rank0]: ValueError: Tokenizer class TokenizersBackend does not exist or is not currently imported.
+E1202 06:00:00.000000 123 torch/distributed/elastic/multiprocessing/api.py:869] failed (exitcode: 1)
+Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+/srv/qwen3vl_checkpoints/official_launch.py FAILED
+------------------------------------------------------------
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_failing_torchrun_is_reported_by_its_workers_exception_line(tmp_path):
+    """Bug fixed here: torchrun's "[rank0]: ValueError: ..." lines were missed and the error read
+    "exit code 1: =====...": the worker's exception and the log path it is in must be the message."""
+    command = [sys.executable, "-c", f"import sys; sys.stdout.write({TORCHRUN_FAILURE!r}); sys.exit(1)"]
+    log = tmp_path / "logs" / "round-0.log"
+    with pytest.raises(OfficialBackendError) as err:
+        run_logged(command, dict(os.environ), tmp_path, log)
+    assert str(err.value) == (
+        "official Qwen3-VL training failed (exit code 1): ValueError: Tokenizer class TokenizersBackend "
+        f"does not exist or is not currently imported.; log: {log}"
+    )
+    assert log.read_text() == TORCHRUN_FAILURE
+
+
+def test_every_site_works_in_a_folder_of_its_own(config, tmp_path, monkeypatch):
+    """Bug fixed here: one --work_dir for the job made co-located sites share launch.json and model,
+    so every site trained on the data of whichever wrote last."""
+    monkeypatch.chdir(tmp_path)
+    from qwen3vl_sft import fl_job
+
+    shared = BackendConfig(backend="official", qwen3vl_root=str(FAKE_ROOT), work_dir="work")
+    site_backends = fl_job.site_backends(JobConfig(n_clients=2), shared, taken=[29500, 29501])
+    assert {b.work_dir for b in site_backends} == {str(tmp_path / "work")}  # made absolute where typed
+    backends = [from_config(config, b, site=f"site-{i + 1}") for i, b in enumerate(site_backends)]
+    dirs = [b.checkpoints_dir for b in backends]
+    assert dirs == [
+        tmp_path / "work" / "site-1" / "qwen3vl_checkpoints",
+        tmp_path / "work" / "site-2" / "qwen3vl_checkpoints",
+    ]
+    assert [b.dataset_name for b in backends] == ["site-1", "site-2"]
+    default = from_config(
+        config, BackendConfig(backend="official", qwen3vl_root=str(FAKE_ROOT)), site="site-1"
+    )
+    assert default.checkpoints_dir == tmp_path / "site-1" / "qwen3vl_checkpoints"
+
+
+def test_official_rounds_report_the_builtin_validation_metrics_of_the_received_model(
+    config, tiny_model, site_data, tmp_path, process_group, monkeypatch
+):
+    """The clone evaluates nothing: the received global is scored by our evaluator before training."""
+    monkeypatch.chdir(tmp_path)
+    train_json, _ = site_data
+    config.data.eval_data_path = str(train_json)
+    backend = BackendConfig(backend="official", qwen3vl_root=str(FAKE_ROOT))
+    runner = SiteRunner(config, "site-1", rank=0, backend=backend)
+    received = start_weights(tiny_model, exchanged_names(meta_model(config.model)), seed=4)
+
+    result = runner.round(received, current_round=0, total_rounds=1)
+
+    expected = validate_weights(config, received)  # the same model scored again: the same figures
+    assert {k: v for k, v in result.metrics.items() if k.startswith("val_") and k != "val_seconds"} == {
+        k: v for k, v in expected.items() if k != "val_seconds"
+    }
+    assert expected["val_samples"] == 4 and math.isfinite(expected["val_loss"])
+    base = validate_weights(config, start_weights(tiny_model, list(received), seed=5))
+    assert base["val_loss"] != expected["val_loss"]  # it scores the weights it is given
+    assert result.metrics["steps"] == 1
 
 
 def test_failing_child_raises_with_the_log_path(config, tmp_path):
@@ -190,7 +317,7 @@ def test_failing_child_raises_with_the_log_path(config, tmp_path):
     )
     backend = OfficialBackend(config, root=str(clone), work_dir=tmp_path / "ws", mode="subprocess")
     log = tmp_path / "ws" / "qwen3vl_logs" / "round-3.log"
-    with pytest.raises(OfficialBackendError, match="exit code") as err:
+    with pytest.raises(OfficialBackendError, match="exit code 1") as err:
         backend.train_round(round_index=3)
     assert "RuntimeError: simulated OOM" in str(err.value) and str(log) in str(err.value)
     assert "\n" not in str(err.value)
@@ -212,17 +339,19 @@ def test_incompatible_environment_names_the_failing_imports(config, tmp_path):
     clone = tmp_path / "clone"
     shutil.copytree(FAKE_ROOT, clone)
     trainer = clone / "qwen-vl-finetune" / "qwenvl" / "train" / "trainer.py"
-    # What upstream's trainer.py imports and what fails under transformers 5 / without flash-attn.
+    # What upstream's trainer.py imports and fails under transformers 5 (flash-attn, absent here, is
+    # not held against the environment: the launcher's stand-in satisfies its import).
     trainer.write_text(
         trainer.read_text()
-        + "from flash_attn.flash_attn_interface import flash_attn_varlen_func\n"
         + "from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb\n"
     )
     with pytest.raises(OfficialBackendError) as err:
         OfficialBackend(config, root=str(clone), work_dir=tmp_path)
     message = str(err.value)
-    assert "import flash_attn.flash_attn_interface" in message and "--qwen3vl_python" in message
-    assert "apply_multimodal_rotary_pos_emb" in message and "\n" not in message
+    assert (
+        "apply_multimodal_rotary_pos_emb" in message and "\n" not in message and "flash_attn" not in message
+    )
+    assert "install_requirements.sh --official ENV_DIR" in message and "--qwen3vl_python" in message
 
 
 def test_path_name_rule_picks_the_checkpoint_class():

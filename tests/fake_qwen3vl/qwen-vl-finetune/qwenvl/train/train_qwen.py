@@ -1,3 +1,4 @@
+# ruff: noqa: E402 - refuse_foreign_site_packages() must run before the imports it guards
 """Fake ``qwenvl/train/train_qwen.py`` (tests only; runs on CPU under transformers 5).
 
 Contract reproduced from the official Qwen3-VL fine-tuning entry point:
@@ -12,8 +13,10 @@ Contract reproduced from the official Qwen3-VL fine-tuning entry point:
 * it trains with HF Trainer, calls ``save_state()`` (``trainer_state.json``), then
   ``Trainer._save(output_dir, state_dict=...)`` (safetensors) and ``processor.save_pretrained``.
 
-Differences, on purpose: where upstream would load the wrong class or resume from a leftover
-checkpoint, the fake raises (a test must fail); it freezes parts through ``model.model`` (the
+Differences, on purpose: where upstream would load the wrong class, resume from a leftover
+checkpoint or import packages of an environment other than its interpreter's own (another venv's
+site-packages on ``sys.path``, as when a parent's ``PYTHONPATH`` leaks in), the fake raises (a test
+must fail); it freezes parts through ``model.model`` (the
 transformers 5 layout); before training it writes ``fake_run.json`` into ``output_dir`` with the class,
 path, argv, resolved data sets and a float64 sum of every loaded parameter, so tests can check what it saw.
 """
@@ -24,6 +27,19 @@ import json
 import os
 import sys
 from pathlib import Path
+
+
+def refuse_foreign_site_packages() -> None:
+    """Upstream imports whichever transformers comes first on sys.path; the fake refuses any but its own."""
+    own = os.path.abspath(sys.prefix) + os.sep
+    foreign = [p for p in sys.path if "-packages" in p and not os.path.abspath(p).startswith(own)]
+    if foreign:
+        raise ImportError(
+            f"fake clone: sys.path of {sys.executable} holds another environment's {foreign[0]}"
+        )
+
+
+refuse_foreign_site_packages()
 
 import torch
 import transformers
@@ -87,6 +103,7 @@ def write_run_record(output_dir: str, model, data_args: DataArguments, attn_impl
         "argv": sys.argv[1:],
         "datasets": data_list(data_args.dataset_use.split(",")),
         "world_size": torch.distributed.get_world_size(),
+        "python_prefix": sys.prefix,
         "param_sums": {name: float(p.detach().double().sum()) for name, p in model.named_parameters()},
     }
     Path(output_dir, RUN_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
