@@ -563,7 +563,8 @@ def evaluate_command(job: JobConfig, global_dir: str, image_root: str = "") -> s
 
 def summarize(job: JobConfig, result_dir: str | None, image_root: str = "") -> Summary:
     """The end-of-job report: metrics table, where the global model is, how to evaluate it."""
-    result_dir = str(result_dir or Path(job.workspace) / job.job_name)
+    # Absolute: the printed model path and evaluation command must work from any folder.
+    result_dir = str(Path(result_dir or Path(job.workspace) / job.job_name).resolve())
     rows = read_site_metrics(result_dir)
     found = sorted(Path(result_dir).glob("**/global_model_hf"))
     global_dir = str(found[0]) if found else ""

@@ -118,13 +118,15 @@ class Environment:
     versions: dict = field(default_factory=dict)
     cuda: bool = False
     flash_attn: bool = False
+    flash_attn_stand_in: bool = False
     problems: tuple[str, ...] = ()
 
     def describe(self) -> str:
         v = self.versions
         return (
             f"{self.python} (torch {v.get('torch')}, transformers {v.get('transformers')}, "
-            f"flash-attn {v.get('flash_attn') or 'absent'}, CUDA {'yes' if self.cuda else 'no'})"
+            f"flash-attn {v.get('flash_attn') or 'absent'}{' (import-only stand-in)' if self.flash_attn_stand_in else ''}, "
+            f"CUDA {'yes' if self.cuda else 'no'})"
         )
 
     @property
@@ -157,6 +159,7 @@ def probe_environment(python: str, finetune_dir: str) -> Environment:
         versions=report["versions"],
         cuda=report["cuda"],
         flash_attn=report["flash_attn"],
+        flash_attn_stand_in=report.get("flash_attn_stand_in", False),
         problems=tuple(report["problems"]),
     )
 

@@ -48,10 +48,10 @@ def configs(tmp_path, model_dir, data_dir, **job_kw):
     return job, model, data, train
 
 
-def run_job(job, model, data, train, record_dir: Path | None = None):
+def run_job(job, model, data, train, record_dir: Path | None = None, backend=None):
     from nvflare.recipe.sim_env import SimEnv
 
-    recipe = fl_job.build_recipe(job, model, data, train)
+    recipe = fl_job.build_recipe(job, model, data, train, backend)
     if record_dir is not None:
         from fault_hooks import RoundRecorder
 

@@ -146,3 +146,20 @@ def test_ctrl_c_inside_nvflares_simulator_is_reported_as_an_interrupt(tmp_path, 
         fl_job.JobFailed, match=r"^Simulation failed with return code 2. Logs are in \(server log: "
     ):
         fl_job.run_job(job, FailingSimulator(), 0)
+
+
+def test_summary_paths_are_absolute_with_a_relative_workspace(tmp_path, monkeypatch):
+    """Bug fixed here: with --workspace ws the summary printed ws/... paths, which the printed
+    evaluation command could not find from another folder."""
+    monkeypatch.chdir(tmp_path)
+    model_dir = (
+        tmp_path / "ws" / "qwen3-vl-fedavg" / "server" / "simulate_job" / "app_server" / "global_model_hf"
+    )
+    model_dir.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.json").write_text("[]")
+    job = JobConfig(workspace="ws", data_dir="data")
+    summary = fl_job.summarize(job, "ws/qwen3-vl-fedavg")
+    assert summary.result_dir == str(tmp_path / "ws" / "qwen3-vl-fedavg")
+    assert summary.global_model_dir == str(model_dir)
+    assert f"--model_path {model_dir} --data_file {tmp_path / 'data' / 'test.json'}" in summary.text

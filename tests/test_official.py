@@ -194,6 +194,7 @@ def test_subprocess_round_in_another_python_gets_a_path_of_its_own(
     )
     assert backend.mode == "subprocess" and not backend.env.current
     assert "subprocess mode (the clone's environment is another interpreter" in caplog.text
+    assert "flash-attn absent (import-only stand-in)" in caplog.text  # the fake imports it, like upstream
     names = exchanged_names(meta_model(config.model))
     start = start_weights(tiny_model, names, seed=2)
 
@@ -407,3 +408,36 @@ def test_job_gives_each_sites_child_torchrun_a_port_of_its_own():
         backend = BackendConfig(backend="official", official_master_port=chosen)
         backends = fl_job.site_backends(job, backend, taken=[29500, 29501, 29502])
         assert [b.official_master_port for b in backends] == expected
+
+
+@pytest.mark.slow
+def test_federated_job_trains_each_site_on_its_own_data_in_the_clones_python(
+    tiny_model, shards, clone_env_python, tmp_path, monkeypatch
+):
+    """job.py's recipe with --backend official in NVFlare's simulator (which puts its sys.path into
+    the sites' PYTHONPATH), the clone's python a separate venv, one relative --work_dir for the job."""
+    from test_fl_job import configs, run_job
+
+    monkeypatch.chdir(tmp_path)
+    job, model, data, train = configs(tmp_path, tiny_model, shards, n_clients=2)
+    job.num_rounds, train.max_steps, train.per_device_train_batch_size = 1, 1, 1
+    backend = BackendConfig(
+        backend="official", qwen3vl_root=str(FAKE_ROOT), qwen3vl_python=str(clone_env_python), work_dir="work"
+    )
+    summary = run_job(job, model, data, train, backend=backend)
+
+    rows = {r["site"]: r for r in summary.rows}
+    assert set(rows) == {"site-1", "site-2"}
+    for site, row in rows.items():
+        launch = json.loads((tmp_path / "work" / site / "qwen3vl_checkpoints" / "launch.json").read_text())
+        assert launch["annotation_path"] == str(shards / site / "train.json")
+        record = json.loads(
+            (tmp_path / "work" / site / "qwen3vl_checkpoints" / "output" / "fake_run.json").read_text()
+        )
+        assert (
+            record["python_prefix"] == str(clone_env_python.parent.parent)
+            and record["datasets"][0]["annotation_path"] == launch["annotation_path"]
+        )
+        assert row["steps"] == 1 and math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+    assert rows["site-1"]["val_loss"] != rows["site-2"]["val_loss"]  # each scored on its own val.json
+    assert (Path(summary.global_model_dir) / "model.safetensors").is_file()
