@@ -100,6 +100,7 @@ def build_checkpoint(out: Path, mode: str) -> Path:
 
     tokenizer = tiny.build_tokenizer("qwen-ids")
     config = qwen3vl_2b_config()
+    check_token_ids(tokenizer, config)
     config.text_config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the host
@@ -111,6 +112,19 @@ def build_checkpoint(out: Path, mode: str) -> Path:
     del model
     torch.cuda.empty_cache()
     return out
+
+
+def check_token_ids(tokenizer, config) -> None:
+    """The tokenizer must put the special tokens at the config's ids, or every image sample fails."""
+    wanted = {"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
+              "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id,
+              "<|im_end|>": config.text_config.eos_token_id}  # fmt: skip
+    wrong = {tok: (tokenizer.convert_tokens_to_ids(tok), want) for tok, want in wanted.items()
+             if tokenizer.convert_tokens_to_ids(tok) != want}  # fmt: skip
+    if wrong:
+        raise RuntimeError(
+            f"qwen-ids tokenizer and the 2B config disagree (token: (tokenizer id, config id)): {wrong}"
+        )
 
 
 def synthetic_batch(config, seq_len: int, device) -> dict[str, torch.Tensor]:
