@@ -90,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_checkpoint(out: Path, mode: str) -> Path:
     """The model directory: real 2B dims + qwen-ids tokenizer (gpu), or the tiny compact one (cpu)."""
     from qwen3vl_sft import tiny
+    from qwen3vl_sft.fileio import atomic_dir
 
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out  # a rerun reuses the 4 GB checkpoint of the previous one
@@ -107,8 +108,9 @@ def build_checkpoint(out: Path, mode: str) -> Path:
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.save_pretrained(out)
-    tiny.build_processor(tokenizer, IMAGE_SIDE).save_pretrained(out)
+    with atomic_dir(out) as tmp:  # a run killed mid-write leaves no checkpoint for the next to reuse
+        model.save_pretrained(tmp)
+        tiny.build_processor(tokenizer, IMAGE_SIDE).save_pretrained(tmp)
     del model
     torch.cuda.empty_cache()
     return out
