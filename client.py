@@ -11,17 +11,17 @@ qwen3vl_sft.fl_client.run_site: receive -> load -> validate -> train -> send. Wi
 --backend official a QwenLM/Qwen3-VL clone's train() does the training (docs/official_backend.md).
 """
 
-from qwen3vl_sft.config import BackendConfig, DataConfig, ModelConfig, TrainConfig, parse
+from qwen3vl_sft.config import BackendConfig, DataConfig, ExchangeConfig, ModelConfig, TrainConfig, parse
 from qwen3vl_sft.fl_client import run_site, setup_logging
 from qwen3vl_sft.train import SFTConfig
 
 
 def main(argv=None):
-    model, data, train, backend = parse(
-        (ModelConfig, DataConfig, TrainConfig, BackendConfig), argv, description=__doc__
+    model, data, train, backend, exchange = parse(
+        (ModelConfig, DataConfig, TrainConfig, BackendConfig, ExchangeConfig), argv, description=__doc__
     )
     setup_logging()
-    run_site(SFTConfig(model=model, data=data, train=train), backend)
+    run_site(SFTConfig(model=model, data=data, train=train), backend, exchange)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,21 @@ Every flag's default comes from qwen3vl_sft.config (see `python job.py --help`).
 import shlex
 import sys
 
-from qwen3vl_sft.config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig, parse
+from qwen3vl_sft.config import (
+    BackendConfig,
+    DataConfig,
+    ExchangeConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+    parse,
+)
 from qwen3vl_sft.records import DataError
 
 
 def main(argv=None):
-    configs = (JobConfig, ModelConfig, DataConfig, TrainConfig, BackendConfig)
-    job, model, data, train, backend = parse(configs, argv, description=__doc__)
+    configs = (JobConfig, ModelConfig, DataConfig, TrainConfig, BackendConfig, ExchangeConfig)
+    job, model, data, train, backend, exchange = parse(configs, argv, description=__doc__)
     import torch
 
     from qwen3vl_sft import fl_job
@@ -27,7 +35,7 @@ def main(argv=None):
     try:
         if job.demo:
             job, model, data, train = prepare_demo(job, model, data, train)
-        recipe = fl_job.build_recipe(job, model, data, train, backend)
+        recipe = fl_job.build_recipe(job, model, data, train, backend, exchange)
         if job.export_dir:
             recipe.export(job.export_dir)
             job_folder = fl_job.exported_job_folder(job)

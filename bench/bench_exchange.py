@@ -14,6 +14,10 @@ and counts, through the package's own ``weights.meta_model`` / ``exchanged_tenso
 * LoRA r 64 / alpha 128 on q/k/v/o (adapters only).
 
 Targets: full SFT at most 3473.8 MiB (NVFlare's example: 4651.4 MiB), LoRA r 64 at most 98 MB.
+
+A second table counts one coded update per ``--compression`` mode (``compression.coded_bytes``: codes,
+block scales and the fp32 tensors too small to quantise, exactly), against NVFlare's state dict.
+Goals: int8 at most 0.40x, nf4 at most 0.21x.
 """
 
 from __future__ import annotations
@@ -113,10 +117,39 @@ def print_table(rows: list[tuple[str, int, int]]) -> None:
     )
 
 
+def compression_rows(model_dir: Path) -> list[tuple[str, str, int]]:
+    """(case, codec, exact bytes incl. block scales) of one coded update, per --compression mode."""
+    from qwen3vl_sft.compression import CODECS, coded_bytes
+    from qwen3vl_sft.config import ModelConfig
+    from qwen3vl_sft.weights import exchanged_tensors, meta_model
+
+    rows = []
+    for case, model_config in {
+        "full SFT": ModelConfig(model_name_or_path=str(model_dir)),
+        "LoRA r64": ModelConfig(model_name_or_path=str(model_dir), lora=True, lora_r=64, lora_alpha=128),
+    }.items():
+        shapes = {name: tuple(t.shape) for name, t in exchanged_tensors(meta_model(model_config)).items()}
+        rows += [(case, codec, coded_bytes(shapes, codec)) for codec in CODECS]
+    return rows
+
+
+def print_compression(rows: list[tuple[str, str, int]], state_dict_bytes: int) -> None:
+    """One row per mode, with its ratio to NVFlare's state dict (the goals: int8 <= 0.40x, nf4 <= 0.21x)."""
+    goals = {"int8": 0.40, "nf4": 0.21}
+    print(f"\n{'update (--compression)':<24} {'MiB':>10} {'x state_dict':>13} {'goal':>12}")
+    for case, codec, size in rows:
+        ratio = size / state_dict_bytes
+        goal = goals.get(codec) if case == "full SFT" else None
+        verdict = f"<= {goal:.2f} {'met' if ratio <= goal else 'MISSED'}" if goal else ""
+        print(f"{case + ' ' + codec:<24} {size / MIB:>10.1f} {ratio:>13.3f} {verdict:>12}")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config_dir(Path(tmp) / "qwen3-vl-2b-config-only")
-        print_table(measure(model_dir))
+        rows = measure(model_dir)
+        print_table(rows)
+        print_compression(compression_rows(model_dir), rows[0][2])
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 from .config import DataConfig
 from .data import IGNORE_INDEX, Collator, SampleBuilder, build_dataset
 from .metrics import SHORT_ANSWER_WORDS, exact_match, is_short, normalize, score_answers  # noqa: F401
+from .modeling import compute_autocast
 
 # SHORT_ANSWER_WORDS and normalize stay importable from here: they lived here before metrics.py.
 
@@ -200,12 +201,13 @@ def evaluate_file(
     was_training = model.training
     model.eval()
     try:
-        loss, kept, skipped = loss_pass(model, processor, dataset, batch_size)
-        records = [dataset.records[i] for i in kept]
-        short = [r for r in records if is_short_answer(r)]
-        long = [r for r in records if not is_short_answer(r)][: max(data.val_generate_samples, 0)]
-        answers = generate_answers(model, dataset.builder, short, SHORT_MAX_NEW_TOKENS, batch_size)
-        answers += generate_answers(model, dataset.builder, long, data.val_max_new_tokens, batch_size)
+        with compute_autocast(model):  # fp32 trained + bf16 frozen weights compute as in training
+            loss, kept, skipped = loss_pass(model, processor, dataset, batch_size)
+            records = [dataset.records[i] for i in kept]
+            short = [r for r in records if is_short_answer(r)]
+            long = [r for r in records if not is_short_answer(r)][: max(data.val_generate_samples, 0)]
+            answers = generate_answers(model, dataset.builder, short, SHORT_MAX_NEW_TOKENS, batch_size)
+            answers += generate_answers(model, dataset.builder, long, data.val_max_new_tokens, batch_size)
     finally:
         model.train(was_training)
     scores = score_answers(answers, [first_answer(r) for r in short + long])

@@ -3,14 +3,18 @@
 Launched by NVFlare (through client.py) on each site as ``torchrun --nproc_per_node=K --master_port P
 client.py <flags>``; rank 0 talks to NVFlare and broadcasts to the other ranks.  Per round:
 
-1. receive the global model (rank 0) and broadcast it;
+1. receive the global model (rank 0): a packet, rebuilt into the fp32 global by
+   :class:`~qwen3vl_sft.exchange.SiteExchange` (the first round's weights, then changes to the global
+   the site holds), and broadcast it;
 2. load it into the local model, strictly by name (frozen tensors stay local);
 3. validate it on the site's ``val.json`` (rank 0) -> ``val_loss``, ``val_accuracy`` (short answers),
    ``val_rouge_l`` / ``val_token_f1`` (generated answers), ``val_skipped_images``;
 4. train one round in-process (``--backend official``: in the clone's ``train()``, after the received
    model was validated here, with the same evaluator, and freed);
-5. send the trainable tensors (bf16) with metrics; ``NUM_STEPS_CURRENT_ROUND`` = samples trained, so
-   FedAvg weights each site by the work it did.
+5. send the update (trained - received, fp32 arithmetic, coded by ``--compression``, params_type DIFF)
+   with metrics, incl. MiB each way and the fidelity of the coded update (``update_cosine``,
+   ``update_rel_error``); ``NUM_STEPS_CURRENT_ROUND`` = samples trained, so FedAvg weights each site by
+   the work it did. (``--exchange weights``: the trained tensors in bf16, params_type FULL.)
 
 A failed round sends ``FLModel(params={})`` with the error in ``meta``: NVFlare skips empty results,
 so the site is left out of that round's average instead of averaging stale weights in.  An empty
@@ -27,12 +31,12 @@ import time
 
 import torch
 
-from .config import BackendConfig, DataConfig
+from .config import BackendConfig, DataConfig, ExchangeConfig
+from .exchange import SiteExchange
 from .train import RoundResult, SFTConfig, SFTEngine
-from .weights import WeightsError, as_tensors, message_bytes
+from .weights import WeightsError
 
 logger = logging.getLogger("qwen3vl_sft.client")
-MIB = 2**20
 
 
 CLIENT_LOG = "qwen3vl_client.log"
@@ -137,9 +141,18 @@ def log_metrics(writer, metrics: dict[str, float], step: int) -> None:
 class SiteRunner:
     """Runs rounds for one site; only rank 0 holds the NVFlare connection."""
 
-    def __init__(self, config: SFTConfig, site: str, rank: int, backend: BackendConfig | None = None):
+    def __init__(
+        self,
+        config: SFTConfig,
+        site: str,
+        rank: int,
+        backend: BackendConfig | None = None,
+        exchange: ExchangeConfig | None = None,
+    ):
         self.config, self.site, self.rank = config, site, rank
         self.backend = backend or BackendConfig()
+        ex = exchange or ExchangeConfig()
+        self.exchange = SiteExchange(ex.compression, ex.error_feedback, ex.exchange)
         self.engine: SFTEngine | None = None
         self.official = None
 
@@ -172,7 +185,9 @@ class SiteRunner:
         return result
 
 
-def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:
+def run_site(
+    config: SFTConfig, backend: BackendConfig | None = None, exchange: ExchangeConfig | None = None
+) -> None:
     """The client loop (numbered steps in the module docstring)."""
     import nvflare.client as flare
     from nvflare.client.tracking import SummaryWriter
@@ -183,7 +198,7 @@ def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:
     init_process_group(world_size)
     flare.init(rank=str(rank))  # before the slow model load: NVFlare's launch timeout is running
     site = flare.get_site_name() if rank == 0 else f"rank-{rank}"
-    runner = SiteRunner(config, site, rank, backend)
+    runner = SiteRunner(config, site, rank, backend, exchange)
     writer = SummaryWriter() if rank == 0 else None
     while True:
         running = broadcast(flare.is_running() if rank == 0 else None, world_size)
@@ -191,13 +206,15 @@ def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:
             break
         start = time.monotonic()
         model = flare.receive() if rank == 0 else None
-        received = broadcast(as_tensors(model.params) if rank == 0 else None, world_size)
         rounds = broadcast((model.current_round, (model.start_round or 0) + model.total_rounds) if rank == 0 else None,
                            world_size)  # fmt: skip
         current_round, total_rounds = rounds
-        logger.info(
-            "%s round %s: received %.1f MiB", site, current_round, message_bytes(received or {}) / MIB
+        # A packet this site cannot rebuild the global from (WeightsError) ends it: nothing to train on.
+        received, received_mib = (
+            runner.exchange.receive(model.params, current_round) if rank == 0 else (None, 0.0)
         )
+        received = broadcast(received, world_size)
+        logger.info("%s round %s: received %.1f MiB", site, current_round, received_mib)
         try:
             result = runner.round(received, current_round, total_rounds)
         except WeightsError:
@@ -210,16 +227,20 @@ def run_site(config: SFTConfig, backend: BackendConfig | None = None) -> None:
                 flare.send(flare.FLModel(params={}, params_type="FULL", meta=meta))
             continue
         if rank == 0:
-            send_result(flare, writer, site, current_round, result, time.monotonic() - start)
+            params, params_type, sent = runner.exchange.send(result.weights, current_round, result.start)
+            metrics = {**result.metrics, **sent, "received_mib": received_mib}
+            metrics["overhead_seconds"] = (
+                time.monotonic() - start - metrics["seconds"] - metrics.get("val_seconds", 0.0)
+            )
+            send_result(flare, writer, site, current_round, params, params_type, metrics)
 
 
-def send_result(flare, writer, site: str, current_round: int, result: RoundResult, elapsed: float) -> None:
-    """Step 5: metrics to the tracker and the log, tensors + metrics to the server."""
+def send_result(
+    flare, writer, site: str, current_round: int, params, params_type: str, metrics: dict
+) -> None:
+    """Step 5: metrics to the tracker and the log, the coded update + metrics to the server."""
     from nvflare.app_common.abstract.fl_model import FLMetaKey
 
-    metrics = dict(result.metrics)
-    metrics["sent_mib"] = message_bytes(result.weights) / MIB
-    metrics["overhead_seconds"] = elapsed - metrics["seconds"] - metrics.get("val_seconds", 0.0)
     log_metrics(writer, metrics, current_round)
     logger.info("%s round %s: %s", site, current_round, {k: round(v, 4) for k, v in metrics.items()})
     meta = {
@@ -227,4 +248,4 @@ def send_result(flare, writer, site: str, current_round: int, result: RoundResul
         "site": site,
         "round": current_round,
     }
-    flare.send(flare.FLModel(params=result.weights, params_type="FULL", metrics=metrics, meta=meta))
+    flare.send(flare.FLModel(params=params, params_type=params_type, metrics=metrics, meta=meta))

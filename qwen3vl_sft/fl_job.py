@@ -24,6 +24,7 @@ from pathlib import Path
 from .config import (
     BackendConfig,
     DataConfig,
+    ExchangeConfig,
     JobConfig,
     ModelConfig,
     TrainConfig,
@@ -323,8 +324,10 @@ def build_recipe(
     data: DataConfig,
     train: TrainConfig,
     backend: BackendConfig | None = None,
+    exchange: ExchangeConfig | None = None,
 ):
-    """The FedAvg recipe with per-site commands, timeouts, tracking, failure watch and the lean persistor."""
+    """The FedAvg recipe with per-site commands, timeouts, tracking, failure watch, the update exchange
+    and the lean persistor."""
     from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
     check_job(job, model, data, train)
@@ -336,7 +339,8 @@ def build_recipe(
         raise DataError(
             f"--resume: all {job.num_rounds} rounds are done already (last checkpoint {checkpoint})"
         )
-    per_site = site_configs(job, model, data, train, backend or BackendConfig())
+    exchange = exchange or ExchangeConfig()
+    per_site = site_configs(job, model, data, train, backend or BackendConfig(), exchange)
     recipe = _recipe_class()(
         start_round=start_round,
         name=job.job_name,
@@ -347,7 +351,7 @@ def build_recipe(
         server_expected_format="pytorch",
         key_metric=KEY_METRIC,
         key_metric_mode=KEY_METRIC_MODE,
-        model_persistor=global_model_persistor(job, model, checkpoint),
+        model_persistor=global_model_persistor(job, model, checkpoint, exchange),
         server_memory_gc_rounds=1,  # gc + malloc_trim each round: held memory back to ~1x the model
     )
     set_per_site_config(recipe, per_site)
@@ -358,17 +362,21 @@ def build_recipe(
     recipe.add_client_config(dict(LARGE_MODEL_TIMEOUTS))
     recipe.add_server_config(dict(LARGE_MODEL_TIMEOUTS))
     add_failure_watch(recipe)
+    add_update_exchange(recipe, exchange)
     add_experiment_tracking(recipe, "tensorboard")
     if job.wandb:
         add_experiment_tracking(recipe, "wandb", wandb_tracking_config())
     return recipe
 
 
-def global_model_persistor(job: JobConfig, model: ModelConfig, checkpoint: str | None):
+def global_model_persistor(
+    job: JobConfig, model: ModelConfig, checkpoint: str | None, exchange: ExchangeConfig
+):
     from .fl_server import GlobalModelPersistor
 
     return GlobalModelPersistor(
         model_config=dataclasses.asdict(model),
+        fp32_master=exchange.exchange == "update",
         min_sites=job.min_clients or job.n_clients,
         model={"path": "model.Qwen3VLGlobalModel", "args": {"model_config": dataclasses.asdict(model)}},
         source_ckpt_file_full_name=checkpoint,
@@ -378,7 +386,12 @@ def global_model_persistor(job: JobConfig, model: ModelConfig, checkpoint: str |
 
 
 def site_configs(
-    job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig, backend: BackendConfig
+    job: JobConfig,
+    model: ModelConfig,
+    data: DataConfig,
+    train: TrainConfig,
+    backend: BackendConfig,
+    exchange: ExchangeConfig,
 ) -> dict[str, dict]:
     """Per site: its client.py flags (absolute paths) and its torchrun command (a free --master_port)."""
     data_dir = Path(job.data_dir).resolve()  # absolute in exported jobs too: sites run from elsewhere
@@ -394,7 +407,7 @@ def site_configs(
     for site, port, site_backend in zip(site_names(job.n_clients), ports, backends, strict=True):
         site_data_config = site_data(data, data_dir, site)
         validated += bool(site_data_config.eval_data_path)
-        flags = to_flags(model, site_data_config, train_site, site_backend)
+        flags = to_flags(model, site_data_config, train_site, site_backend, exchange)
         per_site[site] = {"train_args": shlex.join(flags), "command": launch_command(job, port, backend)}
     if not validated:
         print(f"note: no site has a val.json under {data_dir}: no val_loss is reported, so no best global "
@@ -410,6 +423,17 @@ def add_failure_watch(recipe) -> None:
     # Recipes have no public call for a plain client component; NVFlare's own add_experiment_tracking
     # uses this one, which keeps the per-site apps set_per_site_config made.
     recipe._add_to_client_apps(SiteFailureReporter(), id="site_failure_reporter")
+
+
+def add_update_exchange(recipe, exchange: ExchangeConfig) -> None:
+    """With --exchange update: the server codes the global it sends and decodes the updates it gets
+    (qwen3vl_sft.exchange); FedAvg itself averages the fp32 differences and applies them."""
+    if exchange.exchange != "update":
+        return
+    from .exchange import GlobalEncoder, UpdateDecoder
+
+    recipe.add_server_output_filter(GlobalEncoder(compression=exchange.compression), tasks=["train"])
+    recipe.add_server_input_filter(UpdateDecoder(), tasks=["train"])
 
 
 def wandb_tracking_config() -> dict:
@@ -519,7 +543,11 @@ class Summary:
     text: str
 
 
-SUMMARY_COLUMNS = ("train_loss", "samples", "seconds", "sent_mib", "val_loss", "val_accuracy", "val_rouge_l")
+SUMMARY_COLUMNS = (
+    "train_loss", "samples", "seconds", "received_mib", "sent_mib", "update_cosine", "val_loss", "val_accuracy",
+    "val_rouge_l",
+)  # fmt: skip
+COLUMN_WIDTH = 11
 
 
 def read_site_metrics(result_dir: str) -> list[dict]:
@@ -540,12 +568,21 @@ def read_site_metrics(result_dir: str) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'round':>5} {'site':<8}" + "".join(f"{c:>14}" for c in SUMMARY_COLUMNS)
+    widths = {c: max(COLUMN_WIDTH, len(c) + 2) for c in SUMMARY_COLUMNS}
+    header = f"{'round':>5} {'site':<8}" + "".join(f"{c:>{w}}" for c, w in widths.items())
     lines = [header, "-" * len(header)]
     for row in rows:
-        cells = "".join(f"{row[c]:>14.4g}" if c in row else f"{'-':>14}" for c in SUMMARY_COLUMNS)
+        cells = "".join(f"{row[c]:>{w}.4g}" if c in row else f"{'-':>{w}}" for c, w in widths.items())
         lines.append(f"{row['round']:>5} {row['site']:<8}{cells}")
     return "\n".join(lines)
+
+
+def traffic_line(rows: list[dict]) -> str:
+    """Cumulative MiB both ways over all sites and rounds, as the sites counted their packets."""
+    down = sum(row.get("received_mib", 0.0) for row in rows)
+    up = sum(row.get("sent_mib", 0.0) for row in rows)
+    rounds = len({row["round"] for row in rows})
+    return f"Traffic over {rounds} round(s), all sites: {down:.2f} MiB server -> sites, {up:.2f} MiB sites -> server"
 
 
 def evaluate_command(job: JobConfig, global_dir: str, image_root: str = "") -> str:
@@ -572,6 +609,7 @@ def summarize(job: JobConfig, result_dir: str | None, image_root: str = "") -> S
         [
             f"Job finished. Results: {result_dir}",
             format_rows(rows) if rows else "(no per-site metrics were recorded)",
+            traffic_line(rows),
             f"Global model (HF directory): {global_dir or 'not written'}",
             f"Evaluate it: {evaluate_command(job, global_dir, image_root)}",
         ]

@@ -4,8 +4,9 @@
 
 prints the global model the server would hold (tensor count, MiB) for a configuration.
 
-:class:`GlobalModel` holds only the exchanged tensors (trainable, de-duplicated, bf16), read from the
-base checkpoint's safetensors — the server never builds the 2B model.  :class:`GlobalModelPersistor`
+:class:`GlobalModel` holds only the exchanged tensors (trainable, de-duplicated), read from the
+base checkpoint's safetensors — the server never builds the 2B model. With ``--exchange update`` the
+persistor hands FedAvg an fp32 master copy of them, to which each round's mean update is added.  :class:`GlobalModelPersistor`
 extends NVFlare's ``PTFileModelPersistor``: besides ``FL_global_model.pt`` it writes, every round and
 atomically, ``global_model_hf/`` (an HF directory, or a PEFT adapter directory with LoRA) and keeps
 ``best_global_model_hf/`` (+ ``best_FL_global_model.pt``) for the model with the best site validation
@@ -62,6 +63,7 @@ class GlobalModelPersistor(_persistor_base()):
     def __init__(
         self,
         model_config: dict,
+        fp32_master: bool = True,
         min_sites: int = 1,
         model: dict | None = None,
         source_ckpt_file_full_name: str | None = None,
@@ -77,6 +79,7 @@ class GlobalModelPersistor(_persistor_base()):
             model_config  # kept as given: NVFlare serialises constructor arguments into the job
         )
         self._model_cfg = ModelConfig(**model_config)
+        self.fp32_master = fp32_master
         self.min_sites = min_sites
         self._refused = False
         self.key_metric, self.key_mode = key_metric, key_mode
@@ -86,9 +89,16 @@ class GlobalModelPersistor(_persistor_base()):
     def load_model(self, fl_ctx):
         """The initial global model; then drop the GlobalModel's own copy of it (bench_server_memory:
         it was a whole extra model held for the job, 4x instead of 3x the exchanged bytes at the peak)."""
+        from nvflare.app_common.abstract.model import ModelLearnableKey
+
         learnable = super().load_model(fl_ctx)
         if isinstance(self.model, GlobalModel):
             self.model.load_state_dict({})
+        if self.fp32_master:  # FedAvg adds each round's mean update to these: fp32 keeps small ones
+            weights = learnable[ModelLearnableKey.WEIGHTS]
+            for name, tensor in weights.items():
+                if torch.is_tensor(tensor) and tensor.is_floating_point():
+                    weights[name] = tensor.float()
         return learnable
 
     def handle_event(self, event: str, fl_ctx) -> None:

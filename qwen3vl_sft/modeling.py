@@ -109,7 +109,38 @@ def load_model(config: ModelConfig):
         config.trust_remote_code,
     )
     model.config.use_cache = False
-    return set_trainable(model, config)
+    model = set_trainable(model, config)
+    if config.fp32_master_weights:
+        keep_trained_in_fp32(model)
+    return model
+
+
+def keep_trained_in_fp32(model) -> int:
+    """Trained parameters in fp32 (frozen ones keep their dtype); returns how many were cast.
+
+    A bf16 weight cannot hold a change below half its bf16 step (~0.4 % of it), so pure-bf16 training
+    rounds most small-lr steps away; with fp32 weights, bf16 autocast still does the compute (the
+    Trainer's ``bf16`` and :func:`compute_autocast` for evaluation). LoRA adapters are fp32 already.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+def compute_autocast(model):
+    """The autocast that runs a model whose weights mix fp32 (trained) with bf16/fp16 (frozen) in the
+    low dtype, as training does; a no-op context for a model of one dtype."""
+    import contextlib
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    if not low or torch.float32 not in dtypes:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=low[0])
 
 
 def is_trainable_name(name: str, config: ModelConfig) -> bool:

@@ -48,7 +48,7 @@ from .config import DataConfig, replace
 from .data import resolve_image_root
 from .modeling import resolve_attention
 from .train import TORCHRUN_VARS, RoundResult, SFTConfig
-from .weights import EXCHANGE_DTYPE, WeightsError, checkpoint_name, exchanged_names, meta_model
+from .weights import WeightsError, checkpoint_name, exchanged_names, meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,8 @@ def write_model_dir(source: Path, dest: Path, weights: Mapping[str, torch.Tensor
 
 
 def read_exchanged(output_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The exchanged tensors from the safetensors files in ``output_dir``, bf16 on CPU (no model load)."""
+    """The exchanged tensors from the safetensors files in ``output_dir``, in their saved dtype, on CPU
+    (no model load)."""
     from safetensors import safe_open
 
     wanted = {checkpoint_name(name): name for name in names}
@@ -284,7 +285,7 @@ def read_exchanged(output_dir: Path, names: list[str]) -> dict[str, torch.Tensor
     for file in sorted(output_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in set(f.keys()) & wanted.keys():
-                found[wanted[key]] = f.get_tensor(key).to(dtype=EXCHANGE_DTYPE).contiguous()
+                found[wanted[key]] = f.get_tensor(key).contiguous()
     missing = [name for name in names if name not in found]
     if missing:
         raise OfficialBackendError(
@@ -550,7 +551,7 @@ class OfficialBackend:
         round_index: int = 0,
         num_rounds: int = 1,
     ) -> RoundResult:
-        """Train one round; returns the exchanged tensors (bf16, CPU) and the trainer's metrics.
+        """Train one round; returns the exchanged tensors (saved dtype, CPU) and the trainer's metrics.
 
         The round starts from the base checkpoint with the previous round's result and then
         ``initial_weights`` (exchanged names; a subset is fine) merged in.
@@ -572,12 +573,15 @@ class OfficialBackend:
         seconds = time.monotonic() - start
         _barrier(world)
         weights = read_exchanged(paths.output, self.names)
+        # The update is measured from what the clone started from (the received global as written to
+        # the checkpoint's dtype), so that rounding on the way in is not sent back as a change.
+        start = read_exchanged(paths.model, self.names)
         metrics = round_metrics(
             paths.output / "trainer_state.json", seconds, self._global_batch(world), self._max_samples()
         )
         self._local = weights
         logger.info("Round %d/%d (official): %s", round_index + 1, num_rounds, metrics)
-        return RoundResult(weights=weights, metrics=metrics)
+        return RoundResult(weights=weights, metrics=metrics, start=start)
 
     def _prepare(self, paths: RoundPaths, initial_weights: Mapping[str, torch.Tensor] | None) -> None:
         """Empty the work dir and write the round's input model, launch spec and launcher."""

@@ -52,6 +52,9 @@ class RoundResult:
 
     weights: dict[str, torch.Tensor]
     metrics: dict[str, float]
+    # The exchanged tensors the round started from, when they differ from the received global (the
+    # official backend trains from a copy written in the checkpoint's dtype); None = the received one.
+    start: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -161,6 +164,7 @@ def leave_single_process_torchrun() -> None:
 def training_arguments(config: SFTConfig) -> TrainingArguments:
     """Map our TrainConfig onto HF TrainingArguments (nothing is checkpointed mid-round)."""
     t, cuda = config.train, torch.cuda.is_available()
+    dtype = resolve_dtype(config.model.dtype, cuda)
     return TrainingArguments(
         output_dir=t.output_dir,
         learning_rate=t.learning_rate,
@@ -176,7 +180,10 @@ def training_arguments(config: SFTConfig) -> TrainingArguments:
         logging_steps=t.logging_steps,
         report_to=[] if t.report_to == "none" else t.report_to.split(","),
         save_strategy="no",
-        bf16=cuda and resolve_dtype(config.model.dtype, cuda) == torch.bfloat16,
+        # Autocast in the checkpoint's low dtype over fp32 trained weights (fp32_master_weights), also on
+        # CPU; fp16 needs the grad scaler, which exists on CUDA only and refuses fp16 weights.
+        bf16=dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16 and config.model.fp32_master_weights,
         use_cpu=not cuda,
         remove_unused_columns=False,
         # Cached samples are ready: workers would only add start-up and transfer costs.
@@ -212,7 +219,8 @@ class SFTEngine:
         """Load received (exchanged) tensors, strictly by name."""
         load_exchanged(self.model, weights)
 
-    def weights(self, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+    def weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The trained tensors on CPU, in the model's dtype (fp32 with fp32 master weights) by default."""
         return exchanged_state(self.model, dtype)
 
     def train_round(self, round_index: int = 0, num_rounds: int = 1) -> RoundResult:

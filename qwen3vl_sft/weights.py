@@ -51,9 +51,9 @@ def exchanged_names(model) -> list[str]:
 
 
 def exchanged_state(model, dtype: torch.dtype | None = EXCHANGE_DTYPE) -> dict[str, torch.Tensor]:
-    """The tensors a site sends, on CPU, contiguous, in ``dtype`` (None keeps the model's dtype)."""
+    """A copy of the tensors a site sends, on CPU, contiguous, in ``dtype`` (None keeps the model's)."""
     return {
-        name: t.detach().to("cpu", dtype=dtype or t.dtype).contiguous()
+        name: t.detach().to("cpu", dtype=dtype or t.dtype, copy=True).contiguous()
         for name, t in exchanged_tensors(model).items()
     }
 

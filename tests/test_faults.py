@@ -23,7 +23,8 @@ server memory round over round                 bench/bench_server_memory.py (a f
 Three simulator runs serve all the slow tests (module fixtures): A, 3 sites, site-3 killed in round 0;
 B, 2 sites, all failing in round 1; C, B resumed. Sites 1 and 2 see the same data, seed, thread count
 and rounds in A as in B+C, and site-3 never contributes to A, so C's final model must equal A's:
-that is the uninterrupted run of the same seed. It is compared bit for bit. This holds because
+that is the uninterrupted run of the same seed. It is compared bit for bit (with ``--exchange weights``:
+see EXCHANGE). This holds because
 each site trains 8 samples a round: NVFlare sums results in arrival order in bf16
 (WeightedAggregationHelper.add documents ulp-level differences between runs), and with power-of-two
 weights that sum is exact whatever the order. With other weights, expect bf16-ulp differences
@@ -52,12 +53,16 @@ from ports import free_port_base
 from safetensors.torch import load_file
 
 from qwen3vl_sft import fl_job
-from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, TrainConfig
+from qwen3vl_sft.config import DataConfig, ExchangeConfig, JobConfig, ModelConfig, TrainConfig
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 SECRET = "wandb-test-secret-0123456789abcdef"
 SAMPLES_PER_ROUND = 8  # 2 steps x 4: a power of two, so FedAvg's bf16 sum is order independent
+# bf16 weights both ways: stateless messages, so a resumed run can equal an uninterrupted one bit for bit.
+# With the update exchange (the default) a resumed run restarts the exchange state (the full global, no
+# error-feedback residual; docs/exchange.md), and test_fl_job covers its failures and resume.
+EXCHANGE = ExchangeConfig(exchange="weights")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,7 +84,7 @@ def configs(
 
 
 def run_job(cfg, record_dir: Path, outage: DataOutage | None = None):
-    recipe = fl_job.build_recipe(*cfg)
+    recipe = fl_job.build_recipe(*cfg, exchange=EXCHANGE)
     recipe.add_server_file(str(TESTS_DIR / "fault_hooks.py"))
     recipe.add_server_input_filter(RoundRecorder(str(record_dir)), tasks=["train"])
     if outage is not None:

@@ -71,7 +71,41 @@ def test_short_round_lowers_loss_and_changes_exactly_the_trainable_tensors(
     m = first.metrics
     assert m["steps"] == 12 and m["samples"] == 96 and m["supervised_tokens"] > m["samples"]
     assert m["skipped_samples"] == 0 and m["seconds"] > 0 and math.isfinite(m["train_loss"])
-    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in first.weights.values())
+    # In the model's dtype (fp32 here): the exchange computes the update from them in fp32.
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in first.weights.values())
+
+
+def trained_change(cfg: SFTConfig) -> tuple[torch.Tensor, SFTEngine]:
+    """The change of every exchanged tensor over one round, flattened into one fp32 vector."""
+    engine = SFTEngine(cfg)
+    before = {n: t.float() for n, t in engine.weights().items()}
+    after = engine.train_round().weights
+    return torch.cat([(after[n].float() - before[n]).reshape(-1) for n in before]), engine
+
+
+def test_fp32_master_weights_keep_the_small_updates_that_bf16_weights_round_away(
+    tiny_model_dir, synth_file, tmp_path
+):
+    """lr 1e-5: each Adam step moves a weight ~1e-5, below half a bf16 step of most weights."""
+    run = {"max_steps": 6, "learning_rate": 1e-5, "warmup_ratio": 0.0}
+
+    def change(**model):
+        return trained_change(config(tiny_model_dir, synth_file, tmp_path, train=run, model=model))
+
+    reference, _ = change(dtype="float32")
+    master, engine = change(dtype="bfloat16")  # fp32_master_weights defaults to True
+    pure, _ = change(dtype="bfloat16", fp32_master_weights=False)
+    trained = {p.dtype for p in engine.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in engine.model.parameters() if not p.requires_grad}
+    assert (trained, frozen) == ({torch.float32}, {torch.bfloat16})  # the vision tower stays bf16
+
+    def cosine(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    assert cosine(master, reference) > 0.95
+    assert float((master == 0).float().mean()) < 0.05
+    assert cosine(pure, reference) < 0.5  # most of each step is lost in bf16 weights ...
+    assert float((pure == 0).float().mean()) > 0.5  # ... and most weights did not move at all
 
 
 def test_schedule_spans_rounds(tiny_model_dir, synth_file, tmp_path):
