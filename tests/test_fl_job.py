@@ -93,7 +93,9 @@ def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_m
 
     expected = {n: t.float() for n, t in initial_exchanged(model).items()}
     for r in (0, 1):
-        updates = {s: load_file(tmp_path / "sent" / f"round{r}-{s}.safetensors") for s in ("site-1", "site-2")}
+        updates = {
+            s: load_file(tmp_path / "sent" / f"round{r}-{s}.safetensors") for s in ("site-1", "site-2")
+        }
         for name in expected:
             expected[name] += sum(u[name] * 12 for u in updates.values()) / 24
     assert all(t.dtype == torch.float32 for t in saved.values())
