@@ -31,14 +31,17 @@ GPU, one sample of ``--tokens`` tokens (batch 1), one GPU, no sharding:
 * left out: the frozen vision tower (no grad: nothing kept), the merger over one image's tokens,
   CUDA context and allocator slack (measure with bench/gpu_check.py).
 
-Server RAM: one message is the exchanged tensors (``weights.exchanged_tensors``) in bf16, as sites send
-them (fp32 shown for comparison). With in-time aggregation (FedAvg's default) the server holds the
-global model, the running sum and one result being received: 3 messages whatever the sites; results
-held until all arrive cost one message per site more. Measured figures: bench/bench_server_memory.py.
+Server RAM with the update exchange (the default; docs/exchange.md): the fp32 master global, the fp32
+copy of what the sites hold (the base of the next delta), FedAvg's fp32 running sum of updates (in-time
+aggregation) and one site's int8 packet, decoded one tensor at a time as it is added: 3 fp32 copies of
+the exchanged tensors plus one packet, whatever the sites. With ``--exchange weights`` one message is the exchanged
+tensors in bf16 and the server holds the global model, the running sum and one result: 3 messages;
+results held until all arrive cost one message per site more. Measured (weights exchange):
+bench/bench_server_memory.py.
 
 Disk per round (the persistor, overwritten each round): ``global_model_hf/`` (the full model: base
 shards with the global tensors swapped in, in the base checkpoint's dtype: bf16 for Qwen3-VL; LoRA: the adapters) +
-``FL_global_model.pt`` (the exchanged tensors, bf16) + the same two again as ``best_*`` once validation
+``FL_global_model.pt`` (the exchanged tensors: the fp32 master) + the same two again as ``best_*`` once validation
 picks a best model; an atomic write holds the old and new copy of one file or directory at a time.
 """
 
@@ -203,24 +206,30 @@ def server_and_disk(models: dict, sites: int, base_element_size: int) -> dict[st
     """Message sizes, the server's RAM (in-time vs held results) and disk per round (module docstring)."""
     import torch
 
+    from qwen3vl_sft.compression import coded_bytes
     from qwen3vl_sft.weights import exchanged_tensors, message_bytes
 
     out = {}
     for kind, model in models.items():
         sent = exchanged_tensors(model)
-        message = message_bytes(sent)
+        shapes = {name: tuple(t.shape) for name, t in sent.items()}
+        message, master = message_bytes(sent), message_bytes(sent, torch.float32)
+        int8 = coded_bytes(shapes, "int8")
         full_model = parameter_stats(models["full"])["total"] * base_element_size
         hf_dir = full_model if kind == "full" else message
         out[kind] = {
             "message (bf16)": message,
-            "message (fp32)": message_bytes(sent, torch.float32),
-            "server RAM, in-time aggregation (3 messages)": 3 * message,
-            f"server RAM, {sites} results held (2 + {sites} messages)": (2 + sites) * message,
+            "message (fp32)": master,
+            "message: int8 update (the default)": int8,
+            "message: nf4 update": coded_bytes(shapes, "nf4"),
+            "server RAM, update exchange (3 fp32 copies + packet)": 3 * master + int8,
+            "server RAM, --exchange weights, in-time (3 messages)": 3 * message,
+            f"server RAM, --exchange weights, {sites} results held": (2 + sites) * message,
             "disk: global_model_hf/": hf_dir,
-            "disk: FL_global_model.pt": message,
-            "disk per round, latest only": hf_dir + message,
-            "disk per round, latest + best_*": 2 * (hf_dir + message),
-            "disk peak while writing (+ one atomic copy)": 2 * (hf_dir + message) + max(hf_dir, message),
+            "disk: FL_global_model.pt (fp32 master)": master,
+            "disk per round, latest only": hf_dir + master,
+            "disk per round, latest + best_*": 2 * (hf_dir + master),
+            "disk peak while writing (+ one atomic copy)": 2 * (hf_dir + master) + max(hf_dir, master),
         }
     return out
 

@@ -1,6 +1,6 @@
 """Communication experiment: accuracy against bytes for each way of exchanging the model, on CPU.
 
-    python experiments/communication.py                                  # 12 jobs, ~25 min on 2 idle cores
+    python experiments/communication.py                                  # 16 jobs, ~40 min on 2 idle cores
     python experiments/communication.py --modes int8,nf4 --learning_rates 1e-3 --num_rounds 3   # quicker
     python experiments/communication.py --help
 
@@ -12,7 +12,8 @@ PubMedVision-format data, NVFlare simulator) runs ``num_rounds`` rounds; the mod
 
 * ``bf16-weights``: ``--exchange weights`` (trained weights in bf16 both ways: NVFlare's example);
 * ``fp32-diff``: ``--exchange update --compression none`` (fp32 master, fp32 changes both ways);
-* ``int8``, ``nf4``: the update exchange with that codec (error feedback on);
+* ``int8``, ``nf4``: the update exchange with that codec (error feedback on); ``int8-no-ef``,
+  ``nf4-no-ef``: the same without error feedback;
 * ``lora``, ``lora-int8``: LoRA adapters (r 16) with fp32 / int8 changes.
 
 Per round the sites validate the global model they receive on their own held-out ``val.json``
@@ -54,6 +55,8 @@ MODES: dict[str, tuple[dict, dict]] = {  # name -> (ModelConfig changes, Exchang
     "fp32-diff": ({}, {"compression": "none"}),
     "int8": ({}, {"compression": "int8"}),
     "nf4": ({}, {"compression": "nf4"}),
+    "int8-no-ef": ({}, {"compression": "int8", "error_feedback": False}),
+    "nf4-no-ef": ({}, {"compression": "nf4", "error_feedback": False}),
     "lora": ({"lora": True, "lora_r": 16, "lora_alpha": 32}, {"compression": "none"}),
     "lora-int8": ({"lora": True, "lora_r": 16, "lora_alpha": 32}, {"compression": "int8"}),
 }

@@ -149,24 +149,33 @@ def is_packet(params: Mapping | None) -> bool:
     return bool(params) and HEADER_KEY in params
 
 
-def decode(packet: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Header]:
-    """The fp32 tensors a packet stands for, and its header."""
+def header_of(packet: Mapping[str, torch.Tensor]) -> Header:
     if HEADER_KEY not in packet:
         raise PacketError(f"not a packet of this example: no {HEADER_KEY} entry")
-    header = Header.from_tensor(torch.as_tensor(packet[HEADER_KEY]))
-    out: dict[str, torch.Tensor] = {}
-    for name, value in packet.items():
-        if name == HEADER_KEY or name.endswith(SCALE_SUFFIX):
-            continue
-        value = torch.as_tensor(value)
-        if name in header.shapes:
-            scale = packet.get(name + SCALE_SUFFIX)
-            if scale is None:
-                raise PacketError(f"packet entry {name} is quantised but has no {name + SCALE_SUFFIX}")
-            out[name] = dequantize(value, torch.as_tensor(scale), header.shapes[name], header.codec)
-        else:  # a copy: callers add to what they decode, and must not change the packet (or its source)
-            out[name] = value.to(torch.float32, copy=True)
-    return out, header
+    return Header.from_tensor(torch.as_tensor(packet[HEADER_KEY]))
+
+
+def tensor_names(packet: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors a packet stands for (not its scale and header entries)."""
+    return [name for name in packet if name != HEADER_KEY and not name.endswith(SCALE_SUFFIX)]
+
+
+def decode_tensor(packet: Mapping[str, torch.Tensor], name: str, header: Header) -> torch.Tensor:
+    """One fp32 tensor of a packet (always a new tensor: callers add to what they decode, and must not
+    change the packet or what it was made from)."""
+    value = torch.as_tensor(packet[name])
+    if name not in header.shapes:
+        return value.to(torch.float32, copy=True)
+    scale = packet.get(name + SCALE_SUFFIX)
+    if scale is None:
+        raise PacketError(f"packet entry {name} is quantised but has no {name + SCALE_SUFFIX}")
+    return dequantize(value, torch.as_tensor(scale), header.shapes[name], header.codec)
+
+
+def decode(packet: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Header]:
+    """The fp32 tensors a packet stands for, and its header."""
+    header = header_of(packet)
+    return {name: decode_tensor(packet, name, header) for name in tensor_names(packet)}, header
 
 
 def packet_bytes(packet: Mapping[str, torch.Tensor]) -> int:

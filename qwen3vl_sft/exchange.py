@@ -19,7 +19,8 @@ Per round, with ``--exchange update`` (the default):
   coded by ``--compression``; with ``--error_feedback`` the part the codec lost is added to the next
   round's update. It logs ``update_cosine`` / ``update_rel_error`` of what the server will apply
   against the true update, and the MiB each way.
-* server (:class:`UpdateDecoder`, a task-result filter): decodes the packet into fp32 differences;
+* server (:class:`UpdateDecoder`, a task-result filter): decodes the packet into fp32 differences, one
+  tensor at a time as FedAvg adds them up;
   NVFlare's FedAvg averages them (sample-weighted, fp32; ``params_type`` DIFF) and adds the mean to
   its fp32 master global, which the persistor saves.
 """
@@ -32,7 +33,18 @@ from collections.abc import Mapping
 
 import torch
 
-from .compression import Header, PacketError, decode, encode, fidelity, is_packet, packet_bytes
+from .compression import (
+    Header,
+    PacketError,
+    decode,
+    decode_tensor,
+    encode,
+    fidelity,
+    header_of,
+    is_packet,
+    packet_bytes,
+    tensor_names,
+)
 from .weights import WeightsError, as_tensors
 
 logger = logging.getLogger(__name__)
@@ -160,8 +172,29 @@ class GlobalEncoder(_filter_base()):
         return packet
 
 
+class DecodedTensor:
+    """One tensor of a site's update, decoded when FedAvg's in-time aggregation reads it: NVFlare's
+    aggregation helper calls ``materialize()`` on each value that has one (the hook of its disk offload),
+    so the server holds one decoded fp32 tensor at a time instead of a whole decoded update (6.8 GiB at
+    2B full SFT)."""
+
+    __slots__ = ("header", "name", "packet")
+
+    def __init__(self, packet: Mapping[str, torch.Tensor], name: str, header: Header):
+        self.packet, self.name, self.header = packet, name, header
+
+    def materialize(self) -> torch.Tensor:
+        return decode_tensor(self.packet, self.name, self.header)
+
+
+def materialized(data: Mapping) -> dict[str, torch.Tensor]:
+    """``data`` with every :class:`DecodedTensor` decoded (for readers other than FedAvg's helper)."""
+    return {name: v.materialize() if isinstance(v, DecodedTensor) else v for name, v in data.items()}
+
+
 class UpdateDecoder(_filter_base()):
-    """Server task-result filter: a site's coded update becomes fp32 differences for FedAvg."""
+    """Server task-result filter: a site's coded update becomes fp32 differences for FedAvg, decoded
+    tensor by tensor as FedAvg adds them up (:class:`DecodedTensor`)."""
 
     def process(self, shareable, fl_ctx):
         from nvflare.apis.dxo import DataKind, from_shareable
@@ -173,9 +206,10 @@ class UpdateDecoder(_filter_base()):
         if not is_packet(dxo.data):
             return shareable
         try:
-            update, _ = decode(dxo.data)
+            header = header_of(dxo.data)
         except PacketError as err:
             raise WeightsError(f"a site's update could not be decoded: {err}") from err
+        update = {name: DecodedTensor(dxo.data, name, header) for name in tensor_names(dxo.data)}
         return replace_data(shareable, dxo, update, DataKind.WEIGHT_DIFF)
 
 

@@ -52,7 +52,10 @@ class RoundRecorder(Filter):
             record["n_params"] = len(dxo.data or {})
             record["meta"] = {k: v for k, v in (dxo.meta or {}).items() if isinstance(v, (int, float, str))}
             if dxo.data:
-                save_file({k: v.contiguous() for k, v in dxo.data.items()}, stem + ".safetensors")
+                from qwen3vl_sft.exchange import materialized
+
+                data = materialized(dxo.data)  # an update the server decodes tensor by tensor
+                save_file({k: v.contiguous() for k, v in data.items()}, stem + ".safetensors")
         with open(stem + ".json", "w") as f:
             json.dump(record, f)
         return shareable

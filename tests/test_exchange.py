@@ -112,6 +112,8 @@ def aggregate(updates: dict[str, tuple[dict, int]], compression: str, g0: dict) 
         result = FLModelUtils.to_shareable(FLModel(params=params, params_type=params_type))
         dxo = from_shareable(UpdateDecoder().process(result, None))
         assert dxo.data_kind == DataKind.WEIGHT_DIFF
+        # decoded only as NVFlare's helper adds each tensor up: no whole fp32 update on the server
+        assert all(callable(getattr(v, "materialize", None)) for v in dxo.data.values())
         helper.add(dxo.data, weight=samples, contributor_name=name, contribution_round=0)
     mean = FLModel(params=helper.get_result(), params_type=ParamsType.DIFF)
     return FLModelUtils.update_model(FLModel(params=dict(g0), params_type=ParamsType.FULL), mean).params

@@ -79,6 +79,11 @@ def test_exported_job_folder_runs_by_itself_from_another_folder(
         ).is_file()  # the package travels along
     client_config = (job_dir / "app_site-1" / "config" / "config_fed_client.json").read_text()
     assert str(project / "data" / "site-1" / "train.json") in client_config  # absolute: sites run elsewhere
+    server_config = (job_dir / "app_server" / "config" / "config_fed_server.json").read_text()
+    assert (
+        "qwen3vl_sft.exchange.GlobalEncoder" in server_config
+        and "qwen3vl_sft.exchange.UpdateDecoder" in server_config
+    )
     # Run it from another folder, with nothing of this repository on the path: only the job folder.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -89,6 +94,7 @@ def test_exported_job_folder_runs_by_itself_from_another_folder(
     subprocess.run(cmd, cwd=elsewhere, env=env, check=True, capture_output=True, timeout=600)
     app_server = elsewhere / "ws/server/simulate_job/app_server"
     saved = torch.load(app_server / "FL_global_model.pt", weights_only=True)
-    assert saved["model"] and all(t.dtype == torch.bfloat16 for t in saved["model"].values())
+    # the fp32 master the update exchange keeps (its filters travelled in the job's config too)
+    assert saved["model"] and all(t.dtype == torch.float32 for t in saved["model"].values())
     assert saved["meta"]["round"] == 0  # the round ran: the sites found their data
     assert (app_server / "global_model_hf/model.safetensors").is_file()
