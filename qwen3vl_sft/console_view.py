@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -205,7 +206,9 @@ class ConsoleRunner:
             self.stream.write(line + "\n")
         if self.live and not self.view.finished:
             block = self.view.live_lines()
-            self.stream.write("".join(line[:200] + "\x1b[K\n" for line in block))
+            # Cut to the terminal's width: a wrapped line would make the next redraw climb too few lines.
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("".join(line[:width] + "\x1b[K\n" for line in block))
             self._drawn = len(block)
         self.stream.flush()
 

@@ -518,12 +518,11 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
     env = execution_env(job, cuda_devices)
     search_dir = Path(poc_workspace(job) if job.env == "poc" else Path(job.workspace) / job.job_name)
     try:
-        with (
-            noticing_ctrl_c() as interrupted,
-            job_console(job, search_dir, getattr(recipe, "_start_round", 0)),
-        ):
+        with noticing_ctrl_c() as interrupted:
+            with job_console(job, search_dir, getattr(recipe, "_start_round", 0)):
+                run = recipe.run(env)  # returns when the job has ended
             # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
-            result_dir = recipe.run(env).get_result(clean_up=job.env != "poc")
+            result_dir = run.get_result(clean_up=job.env != "poc")
     except RuntimeError as err:
         if interrupted:  # NVFlare's simulator turns Ctrl-C into "failed with return code -9"
             raise KeyboardInterrupt from None

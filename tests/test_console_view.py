@@ -114,3 +114,18 @@ def test_runner_tails_whole_lines_and_ignores_an_earlier_runs_file(tmp_path):
     runner._step()
     assert out.getvalue().splitlines()[-1].startswith("round 0 (1 of 1): averaged 1 of 1 sites")
     runner._file.close()
+
+
+def test_live_runner_redraws_its_block_under_the_printed_lines(tmp_path):
+    out = io.StringIO()
+    runner = ConsoleRunner(JobView(["site-1"], 1, now=FakeClock()), tmp_path, out, live=True)
+    (tmp_path / EVENTS_FILE).write_text(json.dumps({"kind": "round", "round": 0}) + "\n")
+    runner._step()
+    assert out.getvalue() == "round 0 (1 of 1)  elapsed 0:00, ETA ?\x1b[K\n  site-1  waiting\x1b[K\n"
+    with open(tmp_path / EVENTS_FILE, "a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in finished_site("site-1", 1.0, 2.0)))
+    runner._step()
+    redraw = out.getvalue().split("waiting\x1b[K\n", 1)[1]
+    assert redraw.startswith("\x1b[2F\x1b[J  site-1 round 0: done, train_loss 1.0000")  # up 2 lines, erase
+    assert redraw.endswith("  site-1  done\x1b[K\n")
+    runner._file.close()
