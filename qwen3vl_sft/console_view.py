@@ -99,6 +99,7 @@ class JobView:
     def _on_result(self, event: dict) -> list[str]:
         site = self.sites.setdefault(event["site"], SiteState())
         round_ = event["round"] if event.get("round") is not None else self.round
+        site.metrics.update(event.get("metrics") or {})
         if event.get("error"):
             site.state, site.error = "failed", event["error"]
             return [f"  {event['site']} round {round_}: failed: {site.error}"]
@@ -109,7 +110,7 @@ class JobView:
     def _site_summary(site: SiteState) -> str:
         m = site.metrics
         parts = [f"train_loss {m['train_loss']:.4f}"] if "train_loss" in m else []
-        parts += [f"{k} {m[k]:.4f}" for k in VAL_KEYS if k in m]
+        parts += [f"val_loss {m['val_loss']:.4f}"] if "val_loss" in m else []  # the rest: the round's line
         if "sent_mib" in m:
             parts.append(f"sent {m['sent_mib']:.2f} MiB")
         if "seconds" in m:

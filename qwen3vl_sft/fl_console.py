@@ -24,7 +24,7 @@ import threading
 import time
 
 from nvflare.apis.analytix import AnalyticsData, AnalyticsDataType
-from nvflare.apis.dxo import from_shareable
+from nvflare.apis.dxo import MetaKey, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
@@ -88,12 +88,15 @@ class ConsoleResultFilter(Filter):
             meta = {"error": "no result (the site's training process stopped)"}
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer else meta.get("site", "?")
-        # The round the site says it trained: a result filter's context carries no current round.
+        # The metrics come with the result, not only over the tracking channel, whose events may still be
+        # on their way when the result is in. The round is the site's: a filter's context has none.
+        metrics = meta.get(MetaKey.INITIAL_METRICS) or {}
         event = {
             "kind": "result",
             "site": site,
             "round": meta.get("round"),
             "error": meta.get("error") or None,
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         }
         append_event(events_path(fl_ctx), event)
         return shareable

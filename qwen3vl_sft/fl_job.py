@@ -51,7 +51,7 @@ LARGE_MODEL_TIMEOUTS = {
 # short answers) is often undefined, while the teacher-forced answer loss always exists.
 KEY_METRIC, KEY_METRIC_MODE = "val_loss", "min"
 MAX_PORT = 65535
-SITE_EXIT_SECONDS = 60.0
+SITE_EXIT_SECONDS = 30.0  # NVFlare's own session-control timeout (nvflare.client.cell.defs)
 
 
 def site_names(n_clients: int) -> list[str]:

@@ -5,6 +5,7 @@ python -m pytest -q tests/test_console_view.py
 
 import io
 import json
+from pathlib import Path
 
 from qwen3vl_sft.console_view import EVENTS_FILE, ConsoleRunner, JobView, clock
 
@@ -49,6 +50,15 @@ def test_a_round_in_plain_lines():
         "round 0 (1 of 2): averaged 2 of 2 sites, 2.50 MiB down, 1.00 MiB up; received global: val_loss 6.2000; "
         "elapsed 0:30, ETA 0:30",
     ]
+
+
+def test_the_results_own_metrics_complete_those_still_on_their_way():
+    view = JobView(["site-1"], num_rounds=1, now=FakeClock())
+    view.apply({"kind": "round", "round": 0})
+    view.apply(metric("site-1", "train_loss", 0.5))
+    line = view.apply({"kind": "result", "site": "site-1", "round": 0, "error": None,
+                       "metrics": {"train_loss": 0.5, "val_loss": 0.75, "sent_mib": 0.25}})  # fmt: skip
+    assert line == ["  site-1 round 0: done, train_loss 0.5000, val_loss 0.7500, sent 0.25 MiB"]
 
 
 def test_a_failed_site_is_named_with_its_reason_and_left_out_of_the_average():
@@ -129,3 +139,40 @@ def test_live_runner_redraws_its_block_under_the_printed_lines(tmp_path):
     assert redraw.startswith("\x1b[2F\x1b[J  site-1 round 0: done, train_loss 1.0000")  # up 2 lines, erase
     assert redraw.endswith("  site-1  done\x1b[K\n")
     runner._file.close()
+
+
+class FakeWriter:
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, tag, value, global_step=None):
+        self.calls.append((tag, value, global_step))
+
+
+def test_a_sites_progress_goes_out_as_console_tags_of_its_round():
+    from transformers import TrainerControl, TrainerState
+
+    from qwen3vl_sft.fl_console import site_progress
+
+    writer = FakeWriter()
+    progress = site_progress(writer)
+    progress.start_round(3)
+    state = TrainerState(max_steps=10)
+    progress.on_train_begin(None, state, TrainerControl())
+    for step in (1, 2, 10):  # within a second: only the first and the last step are reported
+        state.global_step = step
+        progress.on_step_end(None, state, TrainerControl())
+    progress.on_log(None, state, TrainerControl(), logs={"loss": 0.25, "grad_norm": 1.0})
+    progress.on_log(None, state, TrainerControl(), logs={"train_runtime": 5.0})
+    assert writer.calls == [("console/validating", 3, 3), ("console/max_steps", 10, 3), ("console/step", 1, 3),
+                            ("console/step", 10, 3), ("console/loss", 0.25, 3)]  # fmt: skip
+
+
+def test_nvflare_logs_to_its_files_only_unless_verbose():
+    from qwen3vl_sft import fl_job
+    from qwen3vl_sft.config import JobConfig
+
+    config = json.loads(Path(fl_job.files_only_log_config()).read_text())
+    assert "consoleHandler" not in config["loggers"]["root"]["handlers"]
+    assert {"logFileHandler", "errorFileHandler"} <= set(config["loggers"]["root"]["handlers"])
+    assert fl_job.execution_env(JobConfig(verbose=True), 0).log_config is None
