@@ -438,9 +438,8 @@ def add_console_events(recipe) -> None:
     metrics arrive over the tracking channel add_experiment_tracking set up, results through a filter."""
     from .fl_console import ConsoleRecorder, ConsoleResultFilter
 
-    recipe._job.to_server(
-        ConsoleRecorder(), id="console_recorder"
-    )  # as add_experiment_tracking adds its receiver
+    # Recipes have no public call for a plain server component; add_experiment_tracking adds its receiver so.
+    recipe._job.to_server(ConsoleRecorder(), id="console_recorder")
     recipe.add_server_input_filter(ConsoleResultFilter(), tasks=["train"])
 
 
