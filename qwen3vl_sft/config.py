@@ -213,6 +213,11 @@ class JobConfig:
     resume: bool = _f(False, "Continue a stopped job from its last saved global model.")
     wandb: bool = _f(False, "Also track with Weights & Biases (offline unless WANDB_API_KEY is set).")
     demo: bool = _f(False, "CPU demo: tiny model and synthetic data built offline, then the federated job.")
+    verbose: bool = _f(
+        False,
+        "Print NVFlare's and the sites' full log stream instead of the job's live view (logs go to "
+        "their files either way).",
+    )
 
 
 @dataclass

@@ -43,14 +43,20 @@ CLIENT_LOG = "qwen3vl_client.log"
 
 
 def setup_logging() -> None:
-    """Log to the console (NVFlare relays it) and to ``qwen3vl_client.log`` in the site's app folder."""
+    """Log to the console (NVFlare relays it) and to ``qwen3vl_client.log`` in the site's app folder.
+
+    The console lines carry no timestamp on purpose: NVFlare prints a trainer's line that starts with a
+    date straight to the terminal, and logs any other line into the site's log.txt, with its own
+    timestamp, where job.py's console settings (the live view, or --verbose) decide whether it shows.
+    """
     rank, _ = rank_and_world()
-    handlers = [logging.StreamHandler()]
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+    handlers = [stream]
     if rank == 0:
         handlers.append(logging.FileHandler(CLIENT_LOG))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", handlers=handlers
-    )
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -155,6 +161,7 @@ class SiteRunner:
         self.exchange = SiteExchange(ex.compression, ex.error_feedback, ex.exchange)
         self.engine: SFTEngine | None = None
         self.official = None
+        self.progress = None  # fl_console's progress reporter (rank 0)
 
     def round(self, received: dict[str, torch.Tensor], current_round: int, total_rounds: int) -> RoundResult:
         if not received:
@@ -165,9 +172,11 @@ class SiteRunner:
         if self.backend.backend == "official":
             return self._official_round(received, current_round, total_rounds)
         if self.engine is None or not self.config.train.keep_model_between_rounds:
-            self.engine = SFTEngine(self.config)
+            self.engine = SFTEngine(self.config, callbacks=[self.progress] if self.progress else ())
         engine = self.engine
         engine.apply(received)  # before validating: val_* must score the received global model
+        if self.progress:
+            self.progress.start_round(current_round)
         val = validate(engine.model, engine.processor, self.config.data) if self.rank == 0 else {}
         result = engine.train_round(round_index=current_round, num_rounds=total_rounds)
         result.metrics.update(val)
@@ -192,6 +201,8 @@ def run_site(
     import nvflare.client as flare
     from nvflare.client.tracking import SummaryWriter
 
+    from .fl_console import site_progress
+
     # Before the handshake: a site that cannot start ends the job with this reason (fl_watch).
     check_site_paths(config.data)
     rank, world_size = rank_and_world()
@@ -200,6 +211,7 @@ def run_site(
     site = flare.get_site_name() if rank == 0 else f"rank-{rank}"
     runner = SiteRunner(config, site, rank, backend, exchange)
     writer = SummaryWriter() if rank == 0 else None
+    runner.progress = site_progress(writer) if writer else None
     while True:
         running = broadcast(flare.is_running() if rank == 0 else None, world_size)
         if not running:

@@ -32,6 +32,7 @@ from .config import (
     check_model_flags,
     to_flags,
 )
+from .console_view import TAG_PREFIX
 from .fileio import atomic_path, check_writable
 from .fl_watch import failure_line, read_failure
 from .records import DataError
@@ -50,6 +51,7 @@ LARGE_MODEL_TIMEOUTS = {
 # short answers) is often undefined, while the teacher-forced answer loss always exists.
 KEY_METRIC, KEY_METRIC_MODE = "val_loss", "min"
 MAX_PORT = 65535
+SITE_EXIT_SECONDS = 30.0  # NVFlare's own session-control timeout (nvflare.client.cell.defs)
 
 
 def site_names(n_clients: int) -> list[str]:
@@ -353,6 +355,11 @@ def build_recipe(
         key_metric_mode=KEY_METRIC_MODE,
         model_persistor=global_model_persistor(job, model, checkpoint, exchange),
         server_memory_gc_rounds=1,  # gc + malloc_trim each round: held memory back to ~1x the model
+        # At the end NVFlare sends each site's trainer SHUTDOWN, then waits this long for it to leave on its
+        # own before it SIGTERMs the process group. NVFlare's default, 0, SIGTERMs at once, and torchrun
+        # answers a SIGTERM with a SignalException traceback at every normal end. The site's loop leaves as
+        # soon as SHUTDOWN arrives (flare.is_running() turns False); the process exits in seconds.
+        shutdown_timeout=SITE_EXIT_SECONDS,
     )
     set_per_site_config(recipe, per_site)
     staged = stage_package()
@@ -364,6 +371,7 @@ def build_recipe(
     add_failure_watch(recipe)
     add_update_exchange(recipe, exchange)
     add_experiment_tracking(recipe, "tensorboard")
+    add_console_events(recipe)
     if job.wandb:
         add_experiment_tracking(recipe, "wandb", wandb_tracking_config())
     return recipe
@@ -425,6 +433,16 @@ def add_failure_watch(recipe) -> None:
     recipe._add_to_client_apps(SiteFailureReporter(), id="site_failure_reporter")
 
 
+def add_console_events(recipe) -> None:
+    """The server writes what job.py's live view shows (qwen3vl_sft.fl_console): the sites' progress and
+    metrics arrive over the tracking channel add_experiment_tracking set up, results through a filter."""
+    from .fl_console import ConsoleRecorder, ConsoleResultFilter
+
+    # Recipes have no public call for a plain server component; add_experiment_tracking adds its receiver so.
+    recipe._job.to_server(ConsoleRecorder(), id="console_recorder")
+    recipe.add_server_input_filter(ConsoleResultFilter(), tasks=["train"])
+
+
 def add_update_exchange(recipe, exchange: ExchangeConfig) -> None:
     """With --exchange update: the server codes the global it sends and decodes the updates it gets
     (qwen3vl_sft.exchange); FedAvg itself averages the fp32 differences and applies them."""
@@ -470,7 +488,24 @@ def execution_env(job: JobConfig, cuda_devices: int):
         num_threads=job.n_clients,
         gpu_config=gpu_config,
         workspace_root=job.workspace,
+        log_config=None if job.verbose else files_only_log_config(),
     )
+
+
+def files_only_log_config() -> str:
+    """NVFlare's own logging config minus its console handler: every log file stays as it is, the
+    terminal is left to job.py's view. The simulator applies it to the server and each site's process,
+    and a site's trainer output is relayed into that process's log, so it reaches the files only too."""
+    from nvflare.fuel.utils import log_utils
+
+    config = json.loads((Path(log_utils.__file__).parent / "log_config.json").read_text())
+    root = config["loggers"]["root"]
+    root["handlers"] = [h for h in root["handlers"] if h != "consoleHandler"]
+    fd, path = tempfile.mkstemp(prefix="qwen3vl_log_config_", suffix=".json")
+    atexit.register(os.unlink, path)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)
+    return path
 
 
 class JobFailed(RuntimeError):
@@ -483,8 +518,10 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
     search_dir = Path(poc_workspace(job) if job.env == "poc" else Path(job.workspace) / job.job_name)
     try:
         with noticing_ctrl_c() as interrupted:
+            with job_console(job, search_dir, getattr(recipe, "_start_round", 0)):
+                run = recipe.run(env)  # returns when the job has ended
             # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
-            result_dir = recipe.run(env).get_result(clean_up=job.env != "poc")
+            result_dir = run.get_result(clean_up=job.env != "poc")
     except RuntimeError as err:
         if interrupted:  # NVFlare's simulator turns Ctrl-C into "failed with return code -9"
             raise KeyboardInterrupt from None
@@ -497,6 +534,26 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
     if not result_dir and job.env == "poc":
         raise JobFailed(f"the PoC job returned no result; see the logs under {search_dir}")
     return summarize(job, result_dir, image_root)
+
+
+@contextlib.contextmanager
+def job_console(job: JobConfig, search_dir: Path, start_round: int):
+    """The job's live view (a terminal) or its plain event lines while the block runs; with --verbose,
+    nothing: NVFlare's own stream is on the console then."""
+    if job.verbose:
+        yield
+        return
+    from .console_view import ConsoleRunner, JobView
+
+    where = "the NVFlare simulator" if job.env == "sim" else "NVFlare PoC"
+    print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds in {where} "
+          "(--verbose prints NVFlare's full log stream)")  # fmt: skip
+    print(f"Logs: server {search_dir}/server/log.txt; sites {search_dir}/site-N/log.txt "
+          "(training: site-N/**/qwen3vl_client.log)")  # fmt: skip
+    view = JobView(site_names(job.n_clients), job.num_rounds, start_round)
+    live = sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb"
+    with ConsoleRunner(view, search_dir, sys.stdout, live=live):
+        yield
 
 
 @contextlib.contextmanager
@@ -559,6 +616,8 @@ def read_site_metrics(result_dir: str) -> list[dict]:
         acc = EventAccumulator(str(site_dir), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
+            if tag.startswith(TAG_PREFIX):
+                continue  # the live view's progress, not a round metric
             for event in acc.Scalars(tag):
                 key = tag.rsplit("/", 1)[-1]
                 rows.setdefault((event.step, site_dir.name), {"round": event.step, "site": site_dir.name})[

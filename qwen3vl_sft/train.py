@@ -197,8 +197,9 @@ def training_arguments(config: SFTConfig) -> TrainingArguments:
 class SFTEngine:
     """A loaded model + processor + site data set that can run rounds of SFT."""
 
-    def __init__(self, config: SFTConfig):
+    def __init__(self, config: SFTConfig, callbacks: tuple = ()):
         self.config = config
+        self.callbacks = list(callbacks)  # HF TrainerCallbacks for every round (fl_console's progress)
         if config.train.torch_threads > 0:
             torch.set_num_threads(config.train.torch_threads)
         leave_single_process_torchrun()
@@ -235,6 +236,7 @@ class SFTEngine:
             round_index=round_index if rounds > 1 else 0,
             num_rounds=rounds,
             max_bad_fraction=config.data.max_bad_sample_fraction,
+            callbacks=self.callbacks,
         )
         start = time.monotonic()
         output = trainer.train()
