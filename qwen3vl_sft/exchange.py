@@ -45,7 +45,7 @@ from .compression import (
     packet_bytes,
     tensor_names,
 )
-from .weights import WeightsError, as_tensors
+from .weights import WeightsError, as_tensors, name_differences
 
 logger = logging.getLogger(__name__)
 MIB = 2**20
@@ -63,8 +63,8 @@ def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> di
 
 
 def check_names(received: Mapping, held: Mapping, what: str) -> None:
-    if set(received) != set(held):
-        extra, missing = sorted(set(received) - set(held)), sorted(set(held) - set(received))
+    extra, missing = name_differences(received, held)
+    if extra or missing:
         raise WeightsError(f"{what} names other tensors than the global model: {len(extra)} unknown "
                            f"(e.g. {extra[:3]}), {len(missing)} missing (e.g. {missing[:3]})")  # fmt: skip
 

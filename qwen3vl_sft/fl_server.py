@@ -6,8 +6,8 @@ prints the global model the server would hold (tensor count, MiB) for a configur
 
 :class:`GlobalModel` holds only the exchanged tensors (trainable, de-duplicated), read from the
 base checkpoint's safetensors — the server never builds the 2B model. With ``--exchange update`` the
-persistor hands FedAvg an fp32 master copy of them, to which each round's mean update is added.  :class:`GlobalModelPersistor`
-extends NVFlare's ``PTFileModelPersistor``: besides ``FL_global_model.pt`` it writes, every round and
+persistor hands FedAvg an fp32 master copy of them, to which each round's mean update is added.
+:class:`GlobalModelPersistor` extends NVFlare's ``PTFileModelPersistor``: besides ``FL_global_model.pt`` it writes, every round and
 atomically, ``global_model_hf/`` (an HF directory, or a PEFT adapter directory with LoRA) and keeps
 ``best_global_model_hf/`` (+ ``best_FL_global_model.pt``) for the model with the best site validation
 score (``val_loss`` by default: it exists for every data set, long answers included).  Sites validate the global model they *receive*, so round r's score belongs to the model saved in

@@ -58,15 +58,19 @@ def exchanged_state(model, dtype: torch.dtype | None = EXCHANGE_DTYPE) -> dict[s
     }
 
 
+def name_differences(got, expected) -> tuple[list[str], list[str]]:
+    """(names in ``got`` that ``expected`` lacks, names of ``expected`` that ``got`` lacks), sorted."""
+    got, expected = set(got), set(expected)
+    return sorted(got - expected), sorted(expected - got)
+
+
 def load_exchanged(model, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy received tensors into the model, strictly by name: every key must be one the model exchanges."""
     if not weights:
         raise WeightsError(
             "received an empty model: every site failed the previous round or the server lost its model"
         )
-    expected = set(exchanged_names(model))
-    unknown = sorted(set(weights) - expected)
-    missing = sorted(expected - set(weights))
+    unknown, missing = name_differences(weights, exchanged_names(model))
     if unknown or missing:
         raise WeightsError(
             f"weights do not match the model's exchanged tensors: {len(unknown)} unknown "
