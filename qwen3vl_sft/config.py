@@ -8,7 +8,7 @@ The same classes serve every entry point:
 * ``python job.py``                    -> :class:`JobConfig` plus the three above
 
 Command lines are generated from the fields with ``transformers.HfArgumentParser``; the help text of
-each flag is the field's ``metadata["help"]``.  Nothing else in the package declares a default.
+each flag is the field's ``metadata["help"]``.
 
 Defaults follow the official Qwen3-VL fine-tuning recipe (``qwen-vl-finetune/scripts/sft.sh``):
 frozen vision tower, trained merger and language model, cosine schedule with 3 % warm-up, gradient
@@ -206,7 +206,16 @@ class JobConfig:
     min_clients: int = _f(0, "Sites that must answer each round (0 = all sites).")
     workspace: str = _f("/tmp/nvflare/qwen3vl_fedavg", "NVFlare workspace root.")
     job_name: str = _f("qwen3-vl-fedavg", "NVFlare job name.")
-    env: Literal["sim", "poc"] = _f("sim", "sim = NVFlare simulator, poc = real server and clients (PoC).")
+    env: Literal["sim", "poc", "prod"] = _f(
+        "sim",
+        "sim = NVFlare simulator; poc = real server and clients on this machine (PoC); prod = submit to a "
+        "provisioned deployment through --startup_kit (docs/production.md).",
+    )
+    startup_kit: str = _f(
+        "",
+        "--env prod: the admin's startup kit folder from 'nvflare provision' (holds startup/fed_admin.json). "
+        "Paths in the job are the sites' (absolute, or $VAR / ~ expanded on each site).",
+    )
     export_dir: str = _f(
         "", "Write the job folder for 'nvflare job submit' here instead of running it.", aliases=["--export"]
     )
@@ -292,6 +301,35 @@ def check_model_flags(model: ModelConfig) -> None:
         (model.lora and not model.lora_targets(), "--lora_target_modules names no module"),
     ]  # fmt: skip
     refuse(problems)
+
+
+# Fields that name files or folders on the machine that reads them: a site (data, model, clone) or
+# the server (model). job.py may pass them as $VAR or ~ for each machine to expand (site_local_paths).
+SITE_LOCAL_FIELDS = ("model_name_or_path", "data_path", "eval_data_path", "image_root", "qwen3vl_root",
+                     "qwen3vl_python", "work_dir")  # fmt: skip
+
+
+def is_site_local(path: str) -> bool:
+    """Whether ``path`` is left for the machine that reads it to expand ($VAR, ${VAR}, ~)."""
+    return path.startswith(("$", "~"))
+
+
+def site_local_paths(cfg: Any) -> Any:
+    """``cfg`` with $VAR and ~ in its path fields expanded on this machine; a variable this machine
+    lacks is named in a DataError (the job was built for sites that set it)."""
+    import os
+
+    changes = {}
+    for name in SITE_LOCAL_FIELDS:
+        value = getattr(cfg, name, "")
+        if not (isinstance(value, str) and is_site_local(value)):
+            continue
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        if "$" in expanded:
+            raise DataError(f"--{name} {value}: the variable is not set on this machine; set it in the "
+                            "environment that starts this party, or pass the path itself")  # fmt: skip
+        changes[name] = expanded
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def refuse(problems: list[tuple[bool, str]]) -> None:

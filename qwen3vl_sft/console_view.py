@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 EVENTS_FILE = "console_events.jsonl"  # in the server's run folder (written by qwen3vl_sft.fl_console)
+STATS_GROUP = "qwen3vl_round"  # the server's show_stats group holding the current round (--env prod)
 TAG_PREFIX = "console/"  # tracked values that are progress, not metrics (kept out of the summary table)
 REDRAW_SECONDS = 0.5
 VAL_KEYS = ("val_loss", "val_accuracy", "val_rouge_l")

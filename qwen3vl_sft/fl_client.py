@@ -23,6 +23,7 @@ so the site is left out of that round's average instead of averaging stale weigh
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from .config import BackendConfig, DataConfig, ExchangeConfig
+from .config import BackendConfig, DataConfig, ExchangeConfig, site_local_paths
 from .exchange import SiteExchange
 from .train import RoundResult, SFTConfig, SFTEngine
 from .weights import WeightsError
@@ -120,22 +121,27 @@ def validate_weights(config: SFTConfig, weights: dict[str, torch.Tensor]) -> dic
             torch.cuda.empty_cache()
 
 
-def check_site_paths(data: DataConfig) -> None:
-    """Refuse to start when a data path of the job does not exist on this site, naming it.
+def check_site_paths(data: DataConfig) -> DataConfig:
+    """``data`` as this site can use it; refuse to start when its training data does not exist here.
 
     Paths in the job config are absolute; a job exported or submitted elsewhere may still name
-    folders this machine lacks. Every round would fail on them, so the site stops at start-up.
+    folders this machine lacks. Every round would fail on them, so the site stops at start-up. A
+    missing validation file only means no validation: job.py could not look on this machine for it.
     """
     from pathlib import Path
 
     from .data import resolve_image_root
 
-    wanted = {"--data_path": data.data_path, "--eval_data_path": data.eval_data_path}
-    for flag, path in wanted.items():
-        if path and not os.path.exists(path):
-            raise FileNotFoundError(f"{flag} {path} does not exist on this site; copy the site's data there "
-                                    "or export the job with this site's paths")  # fmt: skip
+    if not os.path.exists(data.data_path):
+        raise FileNotFoundError(f"--data_path {data.data_path} does not exist on this site; copy the site's data "
+                                "there or build the job with this site's paths")  # fmt: skip
+    if data.eval_data_path and not os.path.exists(data.eval_data_path):
+        logger.warning(
+            "--eval_data_path %s does not exist on this site: no validation here", data.eval_data_path
+        )
+        data = dataclasses.replace(data, eval_data_path="")
     resolve_image_root(data, Path(data.data_path))  # --image_root or the manifest's: DataError naming it
+    return data
 
 
 def log_metrics(writer, metrics: dict[str, float], step: int) -> None:
@@ -203,8 +209,11 @@ def run_site(
 
     from .fl_console import site_progress
 
+    # $VAR and ~ in the job's paths are this site's (--env prod: the job was built on the admin's machine).
+    backend = site_local_paths(backend) if backend else None
     # Before the handshake: a site that cannot start ends the job with this reason (fl_watch).
-    check_site_paths(config.data)
+    data = check_site_paths(site_local_paths(config.data))
+    config = dataclasses.replace(config, model=site_local_paths(config.model), data=data)
     rank, world_size = rank_and_world()
     init_process_group(world_size)
     flare.init(rank=str(rank))  # before the slow model load: NVFlare's launch timeout is running

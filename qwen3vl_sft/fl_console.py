@@ -9,7 +9,8 @@ on a site is needed and it works wherever the sites run. On the server three com
 NVFlare sees into one line of JSON each in ``console_events.jsonl`` in the server's run folder:
 
 * :class:`ConsoleRecorder` (an NVFlare ``AnalyticsReceiver``): rounds starting and aggregated, the
-  sites' tracked values, the end of the run;
+  sites' tracked values, the end of the run; it also answers the admin's ``show_stats`` with the current
+  round, which is how ``--env prod`` (no access to the server's files) follows the rounds;
 * :class:`ConsoleResultFilter` (a task-result filter): a site's result arrived, or its error.
 
 A file, not an in-process queue: in the simulator the server runs in job.py's process tree, but in PoC
@@ -30,8 +31,9 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.widgets.streaming import AnalyticsReceiver
+from nvflare.widgets.info_collector import InfoCollector
 
-from .console_view import EVENTS_FILE, TAG_PREFIX
+from .console_view import EVENTS_FILE, STATS_GROUP, TAG_PREFIX
 
 STEP_REPORT_SECONDS = 1.0  # a step report at most this often: the view redraws twice a second
 _write_lock = threading.Lock()  # the recorder and the filter share the file (threads of one server)
@@ -55,6 +57,7 @@ class ConsoleRecorder(AnalyticsReceiver):
     def __init__(self):
         super().__init__()
         self._path: str | None = None
+        self._round: int | None = None
 
     def initialize(self, fl_ctx) -> None:
         self._path = events_path(fl_ctx)
@@ -65,6 +68,11 @@ class ConsoleRecorder(AnalyticsReceiver):
         if self._path and event_type in kinds:
             round_ = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             append_event(self._path, {"kind": kinds[event_type], "round": round_})
+            self._round = round_
+        elif event_type == InfoCollector.EVENT_TYPE_GET_STATS:  # the admin's show_stats (job.py --env prod)
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR)
+            if collector is not None and self._round is not None:
+                collector.add_info(STATS_GROUP, {"current_round": self._round})
 
     def save(self, fl_ctx, shareable: Shareable, record_origin: str) -> None:
         data = AnalyticsData.from_dxo(from_shareable(shareable))

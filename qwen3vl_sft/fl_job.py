@@ -30,6 +30,7 @@ from .config import (
     TrainConfig,
     check_data_flags,
     check_model_flags,
+    is_site_local,
     to_flags,
 )
 from .console_view import TAG_PREFIX
@@ -91,7 +92,15 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
     if job.export_dir:
         check_writable(job.export_dir, "--export_dir")
     else:
-        check_writable(job.workspace, "--workspace")
+        check_writable(job.workspace, "--workspace")  # prod: where the job's result is fetched to
+    if job.env == "prod" and not job.export_dir:
+        if not job.startup_kit:
+            raise DataError(
+                "--env prod needs --startup_kit: the admin's startup kit folder from 'nvflare provision'"
+            )
+        from .fl_prod import admin_user
+
+        admin_user(job.startup_kit)  # the kit's admin config is readable
 
 
 def gpu_groups(job: JobConfig, cuda_devices: int) -> list[list[int]] | None:
@@ -115,21 +124,45 @@ def gpu_groups(job: JobConfig, cuda_devices: int) -> list[list[int]] | None:
     return groups
 
 
-def site_data(data: DataConfig, data_dir: Path, site: str) -> DataConfig:
-    """The site's DataConfig: its shard, its validation file, absolute paths (clients run elsewhere)."""
-    train = data_dir / site / "train.json"
+def runs_elsewhere(job: JobConfig) -> bool:
+    """Whether the sites run on machines of their own (an exported job, a provisioned deployment): their
+    ports, cores and paths are theirs to check, not this machine's."""
+    return bool(job.export_dir) or job.env == "prod"
+
+
+def job_path(path: str, job: JobConfig, flag: str) -> Path:
+    """A path flag as the sites will read it: absolute (resolved here, where the user typed it), or
+    with $VAR / ~ left for each site to expand when the job runs on other machines."""
+    if is_site_local(path) and runs_elsewhere(job):
+        return Path(path)
+    local = Path(os.path.expandvars(os.path.expanduser(path))).resolve()
+    if runs_elsewhere(job) and not local.exists() and not Path(path).is_absolute():
+        raise DataError(f"{flag} {path} is relative and not on this machine: pass the path the sites read "
+                        "(absolute, or $VAR that each site sets)")  # fmt: skip
+    return local
+
+
+def site_data(data: DataConfig, job: JobConfig, site: str) -> DataConfig:
+    """The site's DataConfig: its shard, its validation file, paths as the site reads them. Checked here
+    unless the sites run elsewhere and the folder is not on this machine (each site checks at start)."""
+    data_dir = job_path(job.data_dir, job, "--data_dir")
+    train, val = data_dir / site / "train.json", data_dir / site / "val.json"
+    image_root = str(job_path(data.image_root, job, "--image_root")) if data.image_root else ""
+    site_data_config = dataclasses.replace(
+        data, data_path=str(train), eval_data_path=str(val), image_root=image_root
+    )
+    if runs_elsewhere(job) and not data_dir.is_dir():
+        return site_data_config  # a site without val.json skips validation (fl_client.check_site_paths)
     if not train.is_file():
         raise DataError(
             f"{train} does not exist: run prepare_data.py --num_clients N --output_dir {data_dir} first"
         )
     from .data import resolve_image_root
 
-    val = data_dir / site / "val.json"
-    image_root = os.path.abspath(data.image_root) if data.image_root else ""
-    resolve_image_root(data, train)  # --image_root or the shards' manifest: a missing root is named now
-    return dataclasses.replace(
-        data, data_path=str(train), eval_data_path=str(val) if val.is_file() else "", image_root=image_root
-    )
+    resolve_image_root(
+        site_data_config, train
+    )  # --image_root or the shards' manifest: a missing root is named now
+    return dataclasses.replace(site_data_config, eval_data_path=str(val) if val.is_file() else "")
 
 
 def port_is_free(port: int) -> bool:
@@ -168,7 +201,7 @@ def free_ports(wanted: list[int], flag: str, check: bool) -> list[int]:
 def master_ports(job: JobConfig) -> list[int]:
     """torchrun --master_port of each site: unique, from --master_port_base, free on this machine."""
     wanted = [job.master_port_base + i for i in range(job.n_clients)]
-    return free_ports(wanted, "--master_port_base", check=not job.export_dir)
+    return free_ports(wanted, "--master_port_base", check=not runs_elsewhere(job))
 
 
 def launch_command(job: JobConfig, port: int, backend: BackendConfig) -> str:
@@ -176,7 +209,10 @@ def launch_command(job: JobConfig, port: int, backend: BackendConfig) -> str:
 
     The official backend starts its own torchrun per round, so its client runs as one process.
     """
-    runner = "torchrun" if job.export_dir else f"{shlex.quote(sys.executable)} -u -m torch.distributed.run"
+    # Elsewhere, torchrun is the one on the site's PATH; here, this interpreter's (its environment).
+    runner = (
+        "torchrun" if runs_elsewhere(job) else f"{shlex.quote(sys.executable)} -u -m torch.distributed.run"
+    )
     nproc = 1 if backend.backend == "official" else job.nproc_per_client
     return f"{runner} --nproc_per_node={nproc} --master_port={port}"
 
@@ -186,10 +222,10 @@ def site_backends(job: JobConfig, backend: BackendConfig, taken: list[int]) -> l
     per site, counted from --official_master_port or --master_port_base + 100 (and not in ``taken``)."""
     if backend.backend != "official":
         return [backend] * job.n_clients
-    backend = dataclasses.replace(backend, **absolute_backend_paths(backend))
+    backend = dataclasses.replace(backend, **absolute_backend_paths(backend, job))
     base = backend.official_master_port or job.master_port_base + 100
     wanted = [base + i for i in range(job.n_clients)]
-    ports = free_ports(wanted, "--official_master_port", check=not job.export_dir)
+    ports = free_ports(wanted, "--official_master_port", check=not runs_elsewhere(job))
     if set(ports) & set(taken):
         raise DataError(
             f"--official_master_port {base}: its ports {ports} overlap the sites' --master_port {taken}; "
@@ -201,18 +237,24 @@ def site_backends(job: JobConfig, backend: BackendConfig, taken: list[int]) -> l
     ]
 
 
-def absolute_backend_paths(backend: BackendConfig) -> dict[str, str]:
-    """The clone, its python and the work dir as typed here, made absolute: sites run from elsewhere."""
+def absolute_backend_paths(backend: BackendConfig, job: JobConfig) -> dict[str, str]:
+    """The clone, its python and the work dir as the sites read them (see job_path)."""
     paths = {"qwen3vl_root": backend.qwen3vl_root, "work_dir": backend.work_dir}
     if os.sep in backend.qwen3vl_python:  # a bare command name is looked up on each site's PATH
         paths["qwen3vl_python"] = backend.qwen3vl_python
-    return {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v}
+    return {k: str(job_path(v, job, f"--{k}")) for k, v in paths.items() if v}
 
 
-def absolute_model_path(model: ModelConfig) -> ModelConfig:
+def absolute_model_path(model: ModelConfig, job: JobConfig) -> ModelConfig:
+    """A local model folder made absolute; a hub id, or a $VAR / ~ path of other machines, as given."""
     path = model.model_name_or_path
+    if is_site_local(path) and runs_elsewhere(job):
+        return model
+    local = os.path.expandvars(os.path.expanduser(path))
     return (
-        dataclasses.replace(model, model_name_or_path=os.path.abspath(path)) if os.path.isdir(path) else model
+        dataclasses.replace(model, model_name_or_path=os.path.abspath(local))
+        if os.path.isdir(local)
+        else model
     )
 
 
@@ -293,7 +335,7 @@ def cpu_threads_per_site(job: JobConfig) -> int:
     """On a CPU-only machine running every site locally, share the cores instead of oversubscribing."""
     import torch
 
-    if torch.cuda.is_available() or job.export_dir:
+    if torch.cuda.is_available() or runs_elsewhere(job):
         return 0
     return max(1, (os.cpu_count() or 1) // (job.n_clients * job.nproc_per_client))
 
@@ -333,7 +375,7 @@ def build_recipe(
     from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
     check_job(job, model, data, train)
-    model = absolute_model_path(model)
+    model = absolute_model_path(model, job)
     check_model(model)
     checkpoint = resume_checkpoint(job)
     start_round = completed_rounds(checkpoint)
@@ -366,6 +408,8 @@ def build_recipe(
     recipe.add_server_file(staged)
     recipe.add_server_file(str(REPO_DIR / "model.py"))
     recipe.add_client_file(staged)
+    if checkpoint and runs_elsewhere(job):
+        recipe.add_server_file(checkpoint)  # the server's own machine has no copy of this file: it travels
     recipe.add_client_config(dict(LARGE_MODEL_TIMEOUTS))
     recipe.add_server_config(dict(LARGE_MODEL_TIMEOUTS))
     add_failure_watch(recipe)
@@ -387,7 +431,11 @@ def global_model_persistor(
         fp32_master=exchange.exchange == "update",
         min_sites=job.min_clients or job.n_clients,
         model={"path": "model.Qwen3VLGlobalModel", "args": {"model_config": dataclasses.asdict(model)}},
-        source_ckpt_file_full_name=checkpoint,
+        # Elsewhere, the checkpoint travels with the job: a relative name, which NVFlare's persistor looks
+        # up in the server app's custom/ folder (build_recipe adds the file there).
+        source_ckpt_file_full_name=os.path.basename(checkpoint)
+        if checkpoint and runs_elsewhere(job)
+        else checkpoint,
         key_metric=KEY_METRIC,  # the best model by the same metric NVFlare's model selector tracks
         key_mode=KEY_METRIC_MODE,
     )
@@ -402,7 +450,6 @@ def site_configs(
     exchange: ExchangeConfig,
 ) -> dict[str, dict]:
     """Per site: its client.py flags (absolute paths) and its torchrun command (a free --master_port)."""
-    data_dir = Path(job.data_dir).resolve()  # absolute in exported jobs too: sites run from elsewhere
     train_site = dataclasses.replace(
         train,
         output_dir="qwen3vl_outputs",
@@ -413,12 +460,15 @@ def site_configs(
     backends = site_backends(job, backend, ports)
     per_site, validated = {}, 0
     for site, port, site_backend in zip(site_names(job.n_clients), ports, backends, strict=True):
-        site_data_config = site_data(data, data_dir, site)
+        site_data_config = site_data(data, job, site)
         validated += bool(site_data_config.eval_data_path)
         flags = to_flags(model, site_data_config, train_site, site_backend, exchange)
         per_site[site] = {"train_args": shlex.join(flags), "command": launch_command(job, port, backend)}
-    if not validated:
-        print(f"note: no site has a val.json under {data_dir}: no val_loss is reported, so no best global "
+    if runs_elsewhere(job) and not job_path(job.data_dir, job, "--data_dir").is_dir():
+        print(f"note: --data_dir {job.data_dir} is not on this machine: each site needs its "
+              "<data_dir>/<site>/train.json (and val.json to validate); a site checks at start")  # fmt: skip
+    elif not validated:
+        print(f"note: no site has a val.json under {job.data_dir}: no val_loss is reported, so no best global "
               "model is kept (prepare_data.py --val_fraction > 0 writes one)")  # fmt: skip
     return per_site
 
@@ -466,21 +516,50 @@ def exported_job_folder(job: JobConfig) -> str:
     return str(Path(job.export_dir).resolve() / job.job_name)
 
 
+def submit_command(job: JobConfig) -> str:
+    """``nvflare job submit`` for the exported job folder, with the admin kit when --startup_kit names one."""
+    args = ["nvflare", "job", "submit", "-j", exported_job_folder(job)]
+    if job.startup_kit:
+        args += ["--startup-kit", str(Path(job.startup_kit).resolve())]
+    return shlex.join(args)
+
+
 def poc_workspace(job: JobConfig) -> str:
     return str(Path(job.workspace).resolve() / "poc")
 
 
+def prod_result_root(job: JobConfig) -> Path:
+    """Where --env prod fetches each run's result to (as <job id>/): under --workspace, like the others."""
+    return Path(job.workspace).resolve() / job.job_name
+
+
+def search_folder(job: JobConfig) -> Path:
+    """The folder a run's logs and result appear under on this machine."""
+    if job.env == "poc":
+        return Path(poc_workspace(job))
+    return prod_result_root(job) if job.env == "prod" else Path(job.workspace) / job.job_name
+
+
 def execution_env(job: JobConfig, cuda_devices: int):
-    from nvflare.recipe.poc_env import PocEnv
     from nvflare.recipe.sim_env import SimEnv
 
+    if job.env == "prod":  # each site's GPUs are its own: CUDA_VISIBLE_DEVICES of the party it started
+        from .fl_prod import prod_deployment
+
+        return prod_deployment(job.startup_kit, str(prod_result_root(job)))
     groups = gpu_groups(job, cuda_devices)
     if job.env == "poc":
         gpu_ids = sorted({g for group in groups for g in group}) if groups else None
         # NVFlare reads the PoC folder from this variable first: without it, PoC runs share /tmp/nvflare/poc
         # (or whatever ~/.nvflare/config.conf names) with every other user and job on the machine.
         os.environ["NVFLARE_POC_WORKSPACE"] = poc_workspace(job)
-        return PocEnv(num_clients=job.n_clients, gpu_ids=gpu_ids)
+        if job.verbose:
+            from nvflare.recipe.poc_env import PocEnv
+
+            return PocEnv(num_clients=job.n_clients, gpu_ids=gpu_ids)
+        from .fl_prod import quiet_poc
+
+        return quiet_poc(num_clients=job.n_clients, gpu_ids=gpu_ids)
     gpu_config = ",".join("[" + ",".join(map(str, g)) + "]" for g in groups) if groups else None
     return SimEnv(
         num_clients=job.n_clients,
@@ -512,14 +591,22 @@ class JobFailed(RuntimeError):
     """The federated job stopped before its last round; the message is the reason, in one line."""
 
 
+class JobDetached(KeyboardInterrupt):
+    """Ctrl-C while following a job on a deployment: the job goes on there; the message says how to reach it."""
+
+
 def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> Summary:
-    """Run the recipe in the simulator or PoC; the summary, or JobFailed with the server's reason."""
+    """Run the recipe in the simulator, PoC or a deployment; the summary, or JobFailed with the reason."""
+    if job.env == "prod":
+        return run_prod_job(job, recipe, image_root)
     env = execution_env(job, cuda_devices)
-    search_dir = Path(poc_workspace(job) if job.env == "poc" else Path(job.workspace) / job.job_name)
+    search_dir = search_folder(job)
     try:
-        with noticing_ctrl_c() as interrupted:
-            with job_console(job, search_dir, getattr(recipe, "_start_round", 0)):
-                run = recipe.run(env)  # returns when the job has ended
+        with (
+            noticing_ctrl_c() as interrupted,
+            job_console(job, search_dir, getattr(recipe, "_start_round", 0)),
+        ):
+            run = recipe.run(env)  # the simulator returns when the job has ended, PoC once it is submitted
             # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
             result_dir = run.get_result(clean_up=job.env != "poc")
     except RuntimeError as err:
@@ -536,6 +623,35 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
     return summarize(job, result_dir, image_root)
 
 
+def run_prod_job(job: JobConfig, recipe, image_root: str = "") -> Summary:
+    """Submit through the admin's kit, follow the job to its end, fetch its result under --workspace."""
+    from .fl_prod import COMPLETED, nvflare_command
+
+    env = execution_env(job, 0)
+    print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds on the deployment of "
+          f"{Path(job.startup_kit).resolve()}; logs: each party's <kit>/log.txt and <kit>/<job id>/log.txt")  # fmt: skip
+    try:
+        run = recipe.run(env)  # submits; the deployment runs it
+    except RuntimeError as err:  # ProdEnv's "Failed to submit job via Flare API: ..."
+        raise JobFailed(f"{' '.join(str(err).split())} (is the server up? check with: nvflare system status "
+                        f"--startup-kit {Path(job.startup_kit).resolve()})") from None  # fmt: skip
+    job_id = run.get_job_id()
+    try:
+        result_dir = run.get_result()  # follows the job to its end, then downloads
+    except KeyboardInterrupt:
+        raise JobDetached(f"job.py: stopped following; job {job_id} goes on in the deployment. Follow it: "
+                          f"{nvflare_command('monitor', job_id, job.startup_kit)}; stop it: "
+                          f"{nvflare_command('abort', job_id, job.startup_kit)}") from None  # fmt: skip
+    reason = failure_message(result_dir) if result_dir else ""
+    if reason:
+        raise JobFailed(reason)
+    if env.final_status != COMPLETED or not result_dir:
+        raise JobFailed(f"job {job_id} ended {env.final_status or 'without a status'} and "
+                        f"{'its result is in ' + result_dir if result_dir else 'no result came back'}; "
+                        "see the server's <kit>/" + job_id + "/log.txt")  # fmt: skip
+    return summarize(job, result_dir, image_root)
+
+
 @contextlib.contextmanager
 def job_console(job: JobConfig, search_dir: Path, start_round: int):
     """The job's live view (a terminal) or its plain event lines while the block runs; with --verbose,
@@ -548,7 +664,10 @@ def job_console(job: JobConfig, search_dir: Path, start_round: int):
     where = "the NVFlare simulator" if job.env == "sim" else "NVFlare PoC"
     print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds in {where} "
           "(--verbose prints NVFlare's full log stream)")  # fmt: skip
-    print(f"Logs: server {search_dir}/server/log.txt; sites {search_dir}/site-N/log.txt "
+    kits = (
+        f"{search_dir}/<project>/prod_00" if job.env == "poc" else str(search_dir)
+    )  # PoC provisions kits there
+    print(f"Logs: server {kits}/server/log.txt; sites {kits}/site-N/log.txt "
           "(training: site-N/**/qwen3vl_client.log)")  # fmt: skip
     view = JobView(site_names(job.n_clients), job.num_rounds, start_round)
     live = sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb"
@@ -647,11 +766,14 @@ def traffic_line(rows: list[dict]) -> str:
 def evaluate_command(job: JobConfig, global_dir: str, image_root: str = "") -> str:
     """The run_inference.py command for the global model, quoted for a POSIX shell and runnable as
     printed from any folder (absolute paths; the base model is recorded in the global model itself)."""
-    test_file = Path(job.data_dir).resolve() / "test.json"
+    data_dir = Path(os.path.expandvars(os.path.expanduser(job.data_dir))).resolve()
+    test_file = data_dir / "test.json"
     script = REPO_DIR / "run_inference.py"
     args = [sys.executable, str(script), "--model_path", global_dir or "<global_model_hf>"]
     if image_root:  # the job's own --image_root; without it run_inference reads the shards' manifest
         args += ["--image_root", os.path.abspath(image_root)]
+    if job.env == "prod" and not data_dir.is_dir():  # the data is the sites'
+        return shlex.join(args) + f" --data_file <a held-out file> ({job.data_dir} is not on this machine)"
     if not test_file.is_file():  # prepared with --test_fraction 0: the user has a held-out file of their own
         return shlex.join(args) + " --data_file <your held-out file> (no test.json: --test_fraction was 0)"
     return shlex.join([*args, "--data_file", str(test_file)])

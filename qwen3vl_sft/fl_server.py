@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import fl_record, initial_exchanged, write_hf_directory
-from .config import ModelConfig
+from .config import ModelConfig, site_local_paths
 from .fileio import atomic_dir, atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class GlobalModel(torch.nn.Module):
 
     def __init__(self, model_config: dict | None = None, seed: int = 0):
         super().__init__()
-        self.model_config = ModelConfig(**(model_config or {}))
+        # $VAR / ~ in the model path are the server's to expand (--env prod builds jobs elsewhere).
+        self.model_config = site_local_paths(ModelConfig(**(model_config or {})))
         self._tensors = initial_exchanged(self.model_config, seed)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: ARG002 - nn.Module signature
@@ -78,13 +79,18 @@ class GlobalModelPersistor(_persistor_base()):
         self.model_config = (
             model_config  # kept as given: NVFlare serialises constructor arguments into the job
         )
-        self._model_cfg = ModelConfig(**model_config)
+        ModelConfig(**model_config)  # a config this package can read, checked where the job is built
         self.fp32_master = fp32_master
         self.min_sites = min_sites
         self._refused = False
         self.key_metric, self.key_mode = key_metric, key_mode
         self.best_value: float | None = None
         self._round_metrics: dict | None = None
+
+    @property
+    def base_config(self) -> ModelConfig:
+        """The model config with $VAR / ~ expanded here, on the server (the job may be built elsewhere)."""
+        return site_local_paths(ModelConfig(**self.model_config))
 
     def load_model(self, fl_ctx):
         """The initial global model; then drop the GlobalModel's own copy of it (bench_server_memory:
@@ -161,7 +167,7 @@ class GlobalModelPersistor(_persistor_base()):
         self._current_round = current_round
         super().save_model(ml, fl_ctx)
         tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
-        write_hf_directory(tensors, self._model_cfg, Path(self.log_dir) / LATEST_HF_DIR)
+        write_hf_directory(tensors, self.base_config, Path(self.log_dir) / LATEST_HF_DIR)
         atomic_write_json(Path(self.log_dir) / STATE_FILE, self._state(current_round))
         self.log_info(fl_ctx, f"Global model of round {current_round} saved to {self._ckpt_save_path} and "
                               f"{Path(self.log_dir) / LATEST_HF_DIR}")  # fmt: skip
@@ -175,7 +181,7 @@ class GlobalModelPersistor(_persistor_base()):
             torch.save(data, tmp)
 
     def _file_meta(self) -> dict:
-        record = fl_record(self._model_cfg)  # the same base and LoRA record as global_model_hf/ carries
+        record = fl_record(self.base_config)  # the same base and LoRA record as global_model_hf/ carries
         return {"base_model": record["base_model"], "base_model_id": record["base_model_id"], "lora": record["lora"],
                 "round": getattr(self, "_current_round", None)}  # fmt: skip
 

@@ -67,4 +67,8 @@ def test_a_site_refuses_to_start_on_a_data_path_or_image_root_it_lacks(shards, t
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="moved_away"):  # the root the manifest names, not found here
         check_site_paths(DataConfig(data_path=str(copy / "site-1" / "train.json")))
-    check_site_paths(DataConfig(data_path=str(shards / "site-1" / "train.json")))  # all there: no error
+    train = str(shards / "site-1" / "train.json")
+    assert check_site_paths(DataConfig(data_path=train)) == DataConfig(data_path=train)  # all there: as given
+    # A validation file the site lacks (job.py could not look on the site's machine) means no validation.
+    missing_val = DataConfig(data_path=train, eval_data_path=str(shards / "site-1" / "nothing.json"))
+    assert check_site_paths(missing_val).eval_data_path == ""

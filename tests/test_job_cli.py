@@ -12,6 +12,7 @@ import pytest
 import job as job_script
 from qwen3vl_sft import fl_job
 from qwen3vl_sft.config import JobConfig
+from qwen3vl_sft.records import DataError
 
 
 def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
@@ -46,6 +47,15 @@ def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
         (
             ["--master_port_base", "65500", "--backend", "official"],
             "beyond 65535; pass a lower --official_master_port",
+        ),
+        (["--env", "prod"], "--env prod needs --startup_kit: the admin's startup kit folder"),
+        (
+            ["--env", "prod", "--startup_kit", "/no/kit"],
+            "--startup_kit /no/kit: no startup/fed_admin.json there",
+        ),
+        (
+            ["--env", "prod", "--startup_kit", "/", "--data_dir", "x"],
+            "--startup_kit /: no startup/fed_admin.json",
         ),
     ],
 )
@@ -163,3 +173,54 @@ def test_summary_paths_are_absolute_with_a_relative_workspace(tmp_path, monkeypa
     assert summary.result_dir == str(tmp_path / "ws" / "qwen3-vl-fedavg")
     assert summary.global_model_dir == str(model_dir)
     assert f"--model_path {model_dir} --data_file {tmp_path / 'data' / 'test.json'}" in summary.text
+
+
+def admin_kit(tmp_path: Path) -> Path:
+    kit = tmp_path / "admin@hospital.org"
+    (kit / "startup").mkdir(parents=True)
+    (kit / "startup" / "fed_admin.json").write_text('{"admin": {"username": "admin@hospital.org"}}')
+    return kit
+
+
+def prod_job(tmp_path: Path, data_dir: str) -> JobConfig:
+    return JobConfig(env="prod", startup_kit=str(admin_kit(tmp_path)), data_dir=data_dir,
+                     workspace=str(tmp_path / "ws"))  # fmt: skip
+
+
+def test_prod_sites_get_their_own_paths_and_torchrun(tmp_path, tiny_model_dir, capsys):
+    """--env prod: $VAR paths travel unexpanded (each site expands its own), a folder this machine lacks
+    is not checked here, torchrun is the sites' own, and their ports are theirs to check."""
+    from qwen3vl_sft.config import BackendConfig, DataConfig, ExchangeConfig, ModelConfig, TrainConfig
+
+    job = prod_job(tmp_path, "$HOSPITAL_DATA")
+    model = ModelConfig(model_name_or_path="$HOSPITAL_MODEL")
+    per_site = fl_job.site_configs(job, model, DataConfig(), TrainConfig(), BackendConfig(), ExchangeConfig())
+    args = shlex.split(per_site["site-2"]["train_args"])
+    assert args[args.index("--data_path") + 1] == "$HOSPITAL_DATA/site-2/train.json"
+    assert args[args.index("--eval_data_path") + 1] == "$HOSPITAL_DATA/site-2/val.json"
+    assert args[args.index("--model_name_or_path") + 1] == "$HOSPITAL_MODEL"
+    assert per_site["site-1"]["command"] == "torchrun --nproc_per_node=1 --master_port=29500"
+    assert fl_job.absolute_model_path(model, job) == model  # the server expands it (fl_server.base_config)
+    with pytest.raises(DataError, match="--data_dir data is relative and not on this machine"):
+        fl_job.site_data(DataConfig(), prod_job(tmp_path / "b", "data"), "site-1")
+    absent = fl_job.site_data(DataConfig(), prod_job(tmp_path / "c", "/srv/pubmedvision"), "site-1")
+    assert (
+        absent.data_path == "/srv/pubmedvision/site-1/train.json"
+    )  # not on this machine: the site checks it
+    assert "note: --data_dir $HOSPITAL_DATA is not on this machine" in capsys.readouterr().out
+
+
+def test_export_prints_the_submit_command_with_the_admin_kit(tmp_path):
+    kit = admin_kit(tmp_path)
+    job = JobConfig(export_dir=str(tmp_path / "out"), startup_kit=str(kit))
+    assert fl_job.submit_command(job) == shlex.join(
+        [
+            "nvflare",
+            "job",
+            "submit",
+            "-j",
+            str(tmp_path / "out" / "qwen3-vl-fedavg"),
+            "--startup-kit",
+            str(kit),
+        ]
+    )
