@@ -101,6 +101,9 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
         from .fl_prod import admin_user
 
         admin_user(job.startup_kit)  # the kit's admin config is readable
+        if job.gpu:
+            raise DataError("--gpu is for this machine's sites (sim, PoC); with --env prod a site's GPUs are the "
+                            "CUDA_VISIBLE_DEVICES of the environment that starts its kit")  # fmt: skip
 
 
 def gpu_groups(job: JobConfig, cuda_devices: int) -> list[list[int]] | None:
@@ -135,7 +138,8 @@ def job_path(path: str, job: JobConfig, flag: str) -> Path:
     with $VAR / ~ left for each site to expand when the job runs on other machines."""
     if is_site_local(path) and runs_elsewhere(job):
         return Path(path)
-    local = Path(os.path.expandvars(os.path.expanduser(path))).resolve()
+    # abspath, not resolve(): a venv's bin/python is a symlink whose target is another environment.
+    local = Path(os.path.abspath(os.path.expandvars(os.path.expanduser(path))))
     if runs_elsewhere(job) and not local.exists() and not Path(path).is_absolute():
         raise DataError(f"{flag} {path} is relative and not on this machine: pass the path the sites read "
                         "(absolute, or $VAR that each site sets)")  # fmt: skip

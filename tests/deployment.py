@@ -1,12 +1,13 @@
 """Tests only: a provisioned NVFlare deployment on this machine (server, sites, admin on loopback).
 
 Each party starts from its own startup kit, as its own process group, with HOME pointed into the
-deployment's folder so nothing reaches ~/.nvflare; stop() ends every group it started, by PID.
+deployment's folder so nothing reaches ~/.nvflare; stop() ends every process it started, by PID.
 The commands are docs/production.md's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 from ports import free_port_base
 
 PROJECT = "qwen3vl_fl"
@@ -109,28 +111,33 @@ class Deployment:
         console.close()
 
     def stop(self) -> None:
-        """End every process group this deployment started (SIGTERM, then SIGKILL after 15 s)."""
+        """End every process this deployment started, by PID, descendants included: NVFlare starts job
+        processes and site trainers in sessions of their own, which a process-group kill would miss.
+        SIGTERM, then SIGKILL to whatever is left after 15 s."""
+        procs = []
+        for started in self.groups:
+            try:
+                root = psutil.Process(started.pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue  # ended on its own already
         for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            alive = [p for p in self.groups if p.poll() is None or group_alive(p.pid)]
-            for proc in alive:
-                with_group(proc.pid, sig)
-            deadline = time.monotonic() + wait
-            while alive and time.monotonic() < deadline:
-                alive = [p for p in alive if p.poll() is None or group_alive(p.pid)]
-                time.sleep(0.2)
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):  # ended between the listing and now
+                    proc.send_signal(sig)
+            _, procs = psutil.wait_procs(procs, timeout=wait)
+            if not procs:
+                break
+        for started in self.groups:
+            started.wait(timeout=5)  # reap the parties this process started
         self.groups.clear()
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def with_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return  # the group ended on its own meanwhile
+def processes_under(root: Path) -> list[str]:
+    """Command lines of running processes that name a path under ``root`` (what stop() must leave none of)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if str(root) in line:
+            found.append(line)
+    return found

@@ -224,3 +224,25 @@ def test_export_prints_the_submit_command_with_the_admin_kit(tmp_path):
             str(kit),
         ]
     )
+
+
+def test_prod_refuses_gpu_groups_it_cannot_place(tmp_path):
+    import dataclasses
+
+    from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
+
+    job = dataclasses.replace(prod_job(tmp_path, "/srv/pubmedvision"), gpu="[0],[1],[2]")
+    with pytest.raises(DataError, match=r"^--gpu is for this machine's sites \(sim, PoC\); with --env prod"):
+        fl_job.check_job(job, ModelConfig(), DataConfig(), TrainConfig())
+    fl_job.check_job(dataclasses.replace(job, gpu=""), ModelConfig(), DataConfig(), TrainConfig())
+
+
+def test_a_symlinked_clone_python_is_kept_as_the_link(tmp_path):
+    """A venv's bin/python is a link to the base interpreter: resolving it would lose the environment."""
+    from qwen3vl_sft.config import BackendConfig
+
+    link = tmp_path / "env" / "bin" / "python"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(sys.executable)
+    paths = fl_job.absolute_backend_paths(BackendConfig(qwen3vl_python=str(link)), JobConfig())
+    assert paths["qwen3vl_python"] == str(link)

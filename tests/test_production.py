@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deployment import Deployment
+from deployment import Deployment, processes_under
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def deployment(tmp_path_factory, shards, tiny_model_dir):
         yield deployment
     finally:
         deployment.stop()
+        assert not processes_under(deployment.root)  # every party and what it started has ended
         assert not (deployment.home / ".nvflare").exists()  # every command ran with the deployment's HOME
 
 
