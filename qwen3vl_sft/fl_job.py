@@ -133,13 +133,18 @@ def runs_elsewhere(job: JobConfig) -> bool:
     return bool(job.export_dir) or job.env == "prod"
 
 
+def local_path(path: str) -> Path:
+    """``path`` as this machine reads it: $VAR and ~ expanded, absolute. abspath, not resolve(): a venv's
+    bin/python is a symlink whose target is another environment."""
+    return Path(os.path.abspath(os.path.expandvars(os.path.expanduser(path))))
+
+
 def job_path(path: str, job: JobConfig, flag: str) -> Path:
     """A path flag as the sites will read it: absolute (resolved here, where the user typed it), or
     with $VAR / ~ left for each site to expand when the job runs on other machines."""
     if is_site_local(path) and runs_elsewhere(job):
         return Path(path)
-    # abspath, not resolve(): a venv's bin/python is a symlink whose target is another environment.
-    local = Path(os.path.abspath(os.path.expandvars(os.path.expanduser(path))))
+    local = local_path(path)
     if runs_elsewhere(job) and not local.exists() and not Path(path).is_absolute():
         raise DataError(f"{flag} {path} is relative and not on this machine: pass the path the sites read "
                         "(absolute, or $VAR that each site sets)")  # fmt: skip
@@ -163,9 +168,8 @@ def site_data(data: DataConfig, job: JobConfig, site: str) -> DataConfig:
         )
     from .data import resolve_image_root
 
-    resolve_image_root(
-        site_data_config, train
-    )  # --image_root or the shards' manifest: a missing root is named now
+    # --image_root or the shards' manifest: a missing root is named now
+    resolve_image_root(site_data_config, train)
     return dataclasses.replace(site_data_config, eval_data_path=str(val) if val.is_file() else "")
 
 
@@ -254,12 +258,8 @@ def absolute_model_path(model: ModelConfig, job: JobConfig) -> ModelConfig:
     path = model.model_name_or_path
     if is_site_local(path) and runs_elsewhere(job):
         return model
-    local = os.path.expandvars(os.path.expanduser(path))
-    return (
-        dataclasses.replace(model, model_name_or_path=os.path.abspath(local))
-        if os.path.isdir(local)
-        else model
-    )
+    local = local_path(path)
+    return dataclasses.replace(model, model_name_or_path=str(local)) if local.is_dir() else model
 
 
 def resume_checkpoint(job: JobConfig) -> str | None:
@@ -631,11 +631,10 @@ def run_prod_job(job: JobConfig, recipe, image_root: str = "") -> Summary:
     """Submit through the admin's kit, follow the job to its end, fetch its result under --workspace."""
     from .fl_prod import COMPLETED, nvflare_command
 
-    env = execution_env(job, 0)
     print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds on the deployment of "
           f"{Path(job.startup_kit).resolve()}; logs: each party's <kit>/log.txt and <kit>/<job id>/log.txt")  # fmt: skip
     try:
-        run = recipe.run(env)  # submits; the deployment runs it
+        run = recipe.run(execution_env(job, 0))  # submits; the deployment runs it
     except RuntimeError as err:  # ProdEnv's "Failed to submit job via Flare API: ..."
         raise JobFailed(f"{' '.join(str(err).split())} (is the server up? check with: nvflare system status "
                         f"--startup-kit {Path(job.startup_kit).resolve()})") from None  # fmt: skip
@@ -649,8 +648,9 @@ def run_prod_job(job: JobConfig, recipe, image_root: str = "") -> Summary:
     reason = failure_message(result_dir) if result_dir else ""
     if reason:
         raise JobFailed(reason)
-    if env.final_status != COMPLETED or not result_dir:
-        raise JobFailed(f"job {job_id} ended {env.final_status or 'without a status'} and "
+    status = run.get_status()  # cached by get_result at the job's end
+    if status != COMPLETED or not result_dir:
+        raise JobFailed(f"job {job_id} ended {status or 'without a status'} and "
                         f"{'its result is in ' + result_dir if result_dir else 'no result came back'}; "
                         "see the server's <kit>/" + job_id + "/log.txt")  # fmt: skip
     return summarize(job, result_dir, image_root)
@@ -668,9 +668,8 @@ def job_console(job: JobConfig, search_dir: Path, start_round: int):
     where = "the NVFlare simulator" if job.env == "sim" else "NVFlare PoC"
     print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds in {where} "
           "(--verbose prints NVFlare's full log stream)")  # fmt: skip
-    kits = (
-        f"{search_dir}/<project>/prod_00" if job.env == "poc" else str(search_dir)
-    )  # PoC provisions kits there
+    # PoC provisions its kits, each with its log.txt, under <poc workspace>/<project>/prod_00.
+    kits = f"{search_dir}/<project>/prod_00" if job.env == "poc" else str(search_dir)
     print(f"Logs: server {kits}/server/log.txt; sites {kits}/site-N/log.txt "
           "(training: site-N/**/qwen3vl_client.log)")  # fmt: skip
     view = JobView(site_names(job.n_clients), job.num_rounds, start_round)
@@ -770,7 +769,7 @@ def traffic_line(rows: list[dict]) -> str:
 def evaluate_command(job: JobConfig, global_dir: str, image_root: str = "") -> str:
     """The run_inference.py command for the global model, quoted for a POSIX shell and runnable as
     printed from any folder (absolute paths; the base model is recorded in the global model itself)."""
-    data_dir = Path(os.path.expandvars(os.path.expanduser(job.data_dir))).resolve()
+    data_dir = local_path(job.data_dir).resolve()
     test_file = data_dir / "test.json"
     script = REPO_DIR / "run_inference.py"
     args = [sys.executable, str(script), "--model_path", global_dir or "<global_model_hf>"]

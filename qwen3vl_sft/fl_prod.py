@@ -44,15 +44,15 @@ def nvflare_command(verb: str, job_id: str, startup_kit: str) -> str:
 
 
 def wait_and_fetch(username: str, startup_kit: str, job_id: str, destination: str | None, say=None):
-    """Follow the job to its end (``say`` gets a line per change), then download its result; returns
-    (final status, result folder). Used instead of NVFlare's monitor, which prints the job's meta dict."""
+    """Follow the job to its end (``say`` gets a line per change), then download its result; returns the
+    result folder. Used instead of NVFlare's monitor, which prints the job's meta dict."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     with contextlib.redirect_stdout(io.StringIO()):  # NVFlare's admin client prints "Connecting to FLARE ..."
         session = new_secure_session(username, startup_kit, timeout=LOGIN_SECONDS)
     try:
-        status = follow_job(session, job_id, POLL_SECONDS, startup_kit, say)
-        return status, session.download_job_result(job_id, destination=destination)
+        follow_job(session, job_id, POLL_SECONDS, startup_kit, say)
+        return session.download_job_result(job_id, destination=destination)
     finally:
         session.close()
 
@@ -67,13 +67,9 @@ def _prod_env_class():
         def __init__(self, startup_kit: str, result_root: str):
             super().__init__(startup_kit, login_timeout=LOGIN_SECONDS, username=admin_user(startup_kit))
             self.result_root = result_root
-            self.final_status: str | None = None
 
         def get_job_result(self, job_id: str, timeout: float = 0.0) -> str | None:  # noqa: ARG002 - waits for the end
-            self.final_status, result = wait_and_fetch(
-                self.username, self.startup_kit_location, job_id, self.result_root
-            )
-            return result
+            return wait_and_fetch(self.username, self.startup_kit_location, job_id, self.result_root)
 
         def stop(self, clean_up: bool = False) -> None:  # noqa: ARG002 - the deployment is the operator's
             """A deployment outlives its jobs: nothing here to stop or clean."""
@@ -93,8 +89,7 @@ def quiet_poc(**kwargs):
     class QuietPoc(PocEnv):
         def get_job_result(self, job_id: str, timeout: float = 0.0) -> str | None:  # noqa: ARG002 - waits for the end
             kit = self._get_admin_startup_kit_path()
-            _, result = wait_and_fetch(self.username, kit, job_id, None, say=lambda line: None)
-            return result
+            return wait_and_fetch(self.username, kit, job_id, None, say=lambda line: None)
 
     return QuietPoc(**kwargs)
 
