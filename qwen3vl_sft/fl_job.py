@@ -52,6 +52,7 @@ LARGE_MODEL_TIMEOUTS = {
 # short answers) is often undefined, while the teacher-forced answer loss always exists.
 KEY_METRIC, KEY_METRIC_MODE = "val_loss", "min"
 MAX_PORT = 65535
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 SITE_EXIT_SECONDS = 30.0  # NVFlare's own session-control timeout (nvflare.client.cell.defs)
 
 
@@ -203,7 +204,21 @@ def free_ports(wanted: list[int], flag: str, check: bool) -> list[int]:
         if candidate != port:
             print(f"{flag}: port {port} is in use on this machine; using {candidate} instead")
         chosen.append(candidate)
+    low, high = ephemeral_ports()
+    if check and any(low <= port <= high for port in chosen):
+        print(f"note: {flag}: ports {chosen[0]}..{chosen[-1]} are in this machine's ephemeral range "
+              f"({low}-{high}), where NVFlare picks its own listening ports after this check; one could take "
+              f"a site's port (its torchrun then ends with EADDRINUSE). A {flag} below {low} avoids that.")  # fmt: skip
     return chosen
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the OS hands out for bind(0) and outgoing connections (Linux's default if unreadable)."""
+    try:
+        low, high = map(int, EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
 
 
 def master_ports(job: JobConfig) -> list[int]:

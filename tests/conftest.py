@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hang_watch import watch_for_hang
 
 from qwen3vl_sft import synthetic, tiny
 
 # One compute thread for in-process tests: the tiny model gains little from two, and OpenMP threads
 # spinning against other processes on a 2-core machine made timings swing several-fold (measured).
 torch.set_num_threads(1)
+
+# Every Python a test starts (NVFlare's server and workers, torchrun, trainers) inherits this: on the hang
+# watch's SIGABRT each prints the stack of every thread, so a stuck run says where it is stuck.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+# The slowest test takes ~110 s in CI; pytest-timeout (900 s) stays the last resort.
+HANG_SECONDS = float(os.environ.get("TEST_HANG_SECONDS", "480"))
+
+
+@pytest.fixture(autouse=True)
+def hang_watch(request, tmp_path_factory):
+    """Past HANG_SECONDS, report the test's processes and logs, then end them (see tests/hang_watch.py)."""
+    uses_tmp = "tmp_path" in request.fixturenames
+    root = request.getfixturevalue("tmp_path") if uses_tmp else tmp_path_factory.getbasetemp()
+    with watch_for_hang(request.node.nodeid, Path(root), HANG_SECONDS):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,20 @@ from __future__ import annotations
 import random
 import socket
 
+from qwen3vl_sft.fl_job import ephemeral_ports
+
+LOWEST = 30000  # job.py's own runs here use 29500+
+
 
 def free_port_base(count: int) -> int:
-    """A torchrun --master_port base with ``count`` free ports (other runs here use 29500+)."""
+    """A torchrun --master_port base with ``count`` free ports, below the ephemeral range.
+
+    NVFlare's simulator and PoC listen on ports the OS picks (bind to port 0) from that range, after
+    job.py checked the sites' ports are free; a site port taken from it could be picked again by them.
+    """
+    top = max(LOWEST + 100, ephemeral_ports()[0]) - count
     for _ in range(100):
-        base = random.randrange(30000, 60000)
+        base = random.randrange(LOWEST, top)
         try:
             for port in range(base, base + count):
                 with socket.socket() as s:

@@ -114,6 +114,24 @@ def test_a_busy_master_port_is_replaced_by_a_free_one(capsys):
         assert fl_job.master_ports(exported) == [port, port + 1, port + 2]
 
 
+def test_site_ports_in_the_ephemeral_range_get_a_note_and_ports_below_it_none(tmp_path, monkeypatch, capsys):
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("40000\t50000\n")
+    monkeypatch.setattr(fl_job, "EPHEMERAL_RANGE_FILE", ranges)
+    monkeypatch.setattr(fl_job, "port_is_free", lambda port: True)
+
+    assert fl_job.master_ports(JobConfig(n_clients=2, master_port_base=39999)) == [39999, 40000]
+    assert capsys.readouterr().out == (
+        "note: --master_port_base: ports 39999..40000 are in this machine's ephemeral range (40000-50000), "
+        "where NVFlare picks its own listening ports after this check; one could take a site's port (its "
+        "torchrun then ends with EADDRINUSE). A --master_port_base below 40000 avoids that.\n"
+    )
+    assert fl_job.master_ports(JobConfig(n_clients=2, master_port_base=39998)) == [39998, 39999]
+    exported = JobConfig(n_clients=2, master_port_base=45000, export_dir="x")
+    assert fl_job.master_ports(exported) == [45000, 45001]
+    assert capsys.readouterr().out == ""  # below the range, or run elsewhere: nothing to say
+
+
 def test_the_printed_commands_are_quoted_and_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = JobConfig(data_dir="my data", export_dir="out dir")
