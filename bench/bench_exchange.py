@@ -36,35 +36,10 @@ NVFLARE_EXAMPLE_MIB = 4651.4
 TARGET_LORA_MB = 98.0
 
 
-def qwen3vl_2b_config():
-    """Qwen3VLConfig with Qwen3-VL-2B-Instruct's published dimensions and special-token ids."""
-    from transformers import Qwen3VLConfig
-
-    text = dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                         "mrope_interleaved": True},
-        bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True,
-    )  # fmt: skip
-    vision = dict(
-        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
-        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
-        deepstack_visual_indexes=[5, 11, 17],
-    )  # fmt: skip
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        tie_word_embeddings=True,
-    )
-
-
 def write_config_dir(out: Path) -> Path:
     """A checkpoint directory holding only config.json (what meta_model needs; no weights)."""
+    from qwen3vl_sft.tiny import qwen3vl_2b_config
+
     qwen3vl_2b_config().save_pretrained(out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"], "config-only dir expected"
     return out

@@ -5,7 +5,7 @@
 
 ``--mode gpu`` (``auto`` picks it when CUDA is present):
 
-1. writes a checkpoint with Qwen3-VL-2B-Instruct's exact config (``bench_exchange.qwen3vl_2b_config``,
+1. writes a checkpoint with Qwen3-VL-2B-Instruct's exact config (``tiny.qwen3vl_2b_config``,
    real 151,936 vocabulary, the qwen-ids tokenizer of ``qwen3vl_sft.tiny``), random weights, bf16;
 2. full SFT (recipe tune flags) and LoRA (ModelConfig's defaults), ``--steps`` optimizer steps each on one
    synthetic sample of ``--seq_len`` tokens (default DataConfig.model_max_length) holding one 224x224
@@ -46,7 +46,6 @@ from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere: the package lives at the repo root
-sys.path.insert(0, os.path.join(REPO, "bench"))  # bench_exchange's exact 2B config
 
 import torch  # noqa: E402
 
@@ -90,43 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_checkpoint(out: Path, mode: str) -> Path:
     """The model directory: real 2B dims + qwen-ids tokenizer (gpu), or the tiny compact one (cpu)."""
     from qwen3vl_sft import tiny
-    from qwen3vl_sft.fileio import atomic_dir
 
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out  # a rerun reuses the 4 GB checkpoint of the previous one
     if mode == "cpu":
         return tiny.build(out, "compact")
-    from bench_exchange import qwen3vl_2b_config
-    from transformers import Qwen3VLForConditionalGeneration
-
-    tokenizer = tiny.build_tokenizer("qwen-ids")
-    config = qwen3vl_2b_config()
-    check_token_ids(tokenizer, config)
-    config.text_config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(0)
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the host
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    with atomic_dir(out) as tmp:  # a run killed mid-write leaves no checkpoint for the next to reuse
-        model.save_pretrained(tmp)
-        tiny.build_processor(tokenizer, IMAGE_SIDE).save_pretrained(tmp)
-    del model
+    tiny.build(out, "real-dims", image_size=IMAGE_SIDE, device="cuda")
     torch.cuda.empty_cache()
     return out
-
-
-def check_token_ids(tokenizer, config) -> None:
-    """The tokenizer must put the special tokens at the config's ids, or every image sample fails."""
-    wanted = {"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
-              "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id,
-              "<|im_end|>": config.text_config.eos_token_id}  # fmt: skip
-    wrong = {tok: (tokenizer.convert_tokens_to_ids(tok), want) for tok, want in wanted.items()
-             if tokenizer.convert_tokens_to_ids(tok) != want}  # fmt: skip
-    if wrong:
-        raise RuntimeError(
-            f"qwen-ids tokenizer and the 2B config disagree (token: (tokenizer id, config id)): {wrong}"
-        )
 
 
 def synthetic_batch(config, seq_len: int, device) -> dict[str, torch.Tensor]:

@@ -282,7 +282,7 @@ def main(argv=None) -> int:
             from bench_exchange import write_config_dir
 
             model_dir = str(write_config_dir(Path(tmp) / "qwen3-vl-2b-config-only"))
-            label = "Qwen3-VL-2B-Instruct config (bench_exchange.qwen3vl_2b_config)"
+            label = "Qwen3-VL-2B-Instruct config (tiny.qwen3vl_2b_config)"
         figures = budget(model_dir, args.tokens, args.sites, label)
     print_report(figures)
     if args.json:

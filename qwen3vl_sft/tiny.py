@@ -1,10 +1,13 @@
-"""Build an offline tiny Qwen3-VL checkpoint (real transformers classes, random weights).
+"""Build an offline Qwen3-VL checkpoint (real transformers classes, random weights): tiny, or real-sized.
 
     python -m qwen3vl_sft.tiny --output tiny_models/qwen3-vl-tiny
     python -m qwen3vl_sft.tiny --output tiny_models/qwen3-vl-tiny-qwen-ids --variant qwen-ids
+    python -m qwen3vl_sft.tiny --output models/qwen3-vl-2b-random --variant real-dims
+    python -m qwen3vl_sft.tiny --output models/qwen3-vl-2b-2layers --variant real-dims --text_layers 2 \
+        --vision_depth 2
 
 The directory loads with ``AutoProcessor.from_pretrained(DIR)`` and
-``Qwen3VLForConditionalGeneration.from_pretrained(DIR)`` with no network. Two variants:
+``Qwen3VLForConditionalGeneration.from_pretrained(DIR)`` with no network. Three variants:
 
 * ``compact`` (default): a ~1k-token byte-level BPE vocabulary; fast on CPU.  Used by the tests and the
   CPU demo.
@@ -13,6 +16,10 @@ The directory loads with ``AutoProcessor.from_pretrained(DIR)`` and
   tokenizers, ``tokenizer_class: Qwen2Tokenizer`` and ``rope_scaling`` beside ``rope_parameters`` for
   transformers 4.57 — for code that hard-codes Qwen's ids: the model for offline runs of the official
   Qwen3-VL fine-tuning code (``--backend official``, in the environment built for it).
+* ``real-dims``: Qwen3-VL-2B-Instruct's exact configuration (:func:`qwen3vl_2b_config`: width, heads,
+  151,936 vocabulary, tied embeddings, vision tower, deepstack mergers) with the ``qwen-ids`` tokenizer,
+  saved in bf16 as the real checkpoint is (4.3 GB at 28 layers). ``--text_layers`` / ``--vision_depth``
+  cut the depth only, so names and tensor sizes stay those of the real model at a fraction of the memory.
 
 Same seed, same bytes: the tokenizer is trained on a fixed corpus and the weights come from a seeded
 initialisation, so two builds are byte-identical.
@@ -237,26 +244,93 @@ def _add_legacy_rope_scaling(out: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def build(output: str | os.PathLike, variant: str = "compact", seed: int = 0) -> Path:
-    """Write the tiny checkpoint to ``output`` (atomically: a temp dir renamed into place)."""
+def qwen3vl_2b_config(text_layers: int = 28, vision_depth: int = 24):
+    """Qwen3VLConfig with Qwen3-VL-2B-Instruct's published dimensions and special-token ids; fewer text
+    layers / vision blocks when asked (deepstack taps past a cut vision tower move to its last block)."""
+    from transformers import Qwen3VLConfig
+
+    text = dict(
+        vocab_size=QWEN_VOCAB_SIZE, hidden_size=2048, intermediate_size=6144, num_hidden_layers=text_layers,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True},
+        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, tie_word_embeddings=True,
+    )  # fmt: skip
+    deepstack = sorted({min(i, vision_depth - 1) for i in (5, 11, 17)})
+    vision = dict(
+        depth=vision_depth, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+        deepstack_visual_indexes=deepstack,
+    )  # fmt: skip
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+
+
+def check_token_ids(tokenizer, config) -> None:
+    """The tokenizer must put the special tokens at the config's ids, or every image sample fails."""
+    wanted = {"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
+              "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id,
+              "<|im_end|>": config.text_config.eos_token_id, "<|endoftext|>": config.text_config.pad_token_id}  # fmt: skip
+    wrong = {tok: (tokenizer.convert_tokens_to_ids(tok), want) for tok, want in wanted.items()
+             if tokenizer.convert_tokens_to_ids(tok) != want}  # fmt: skip
+    if wrong:
+        raise RuntimeError(
+            f"qwen-ids tokenizer and the 2B config disagree (token: (tokenizer id, config id)): {wrong}"
+        )
+
+
+VARIANTS = ("compact", "qwen-ids", "real-dims")
+
+
+def random_model(variant: str, tokenizer, seed: int, device: str, text_layers: int, vision_depth: int):
+    """The randomly initialised model of ``variant`` (real-dims: bf16, built on ``device``)."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    if variant not in ("compact", "qwen-ids"):
-        raise ValueError(f"--variant must be 'compact' or 'qwen-ids', not {variant!r}")
+    torch.manual_seed(seed)
+    if variant != "real-dims":
+        return Qwen3VLForConditionalGeneration(build_config(tokenizer, variant)).eval()
+    config = qwen3vl_2b_config(text_layers, vision_depth)
+    check_token_ids(tokenizer, config)
+    with torch.device(device):  # on a GPU, random init of 2B parameters takes seconds instead of minutes
+        return Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+
+
+def build(
+    output: str | os.PathLike,
+    variant: str = "compact",
+    seed: int = 0,
+    *,
+    image_size: int = 64,
+    device: str = "cpu",
+    text_layers: int = 28,
+    vision_depth: int = 24,
+) -> Path:
+    """Write the checkpoint to ``output`` (atomically: a temp dir renamed into place). ``device``,
+    ``text_layers`` and ``vision_depth`` apply to ``real-dims``; ``image_size`` sets the processor's
+    pixel bounds."""
+    if variant not in VARIANTS:
+        raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    if text_layers < 1 or vision_depth < 1:
+        raise ValueError(f"--text_layers and --vision_depth must be >= 1, got {text_layers}, {vision_depth}")
     out = Path(output)
     with atomic_dir(out) as tmp_dir:
         tmp = Path(tmp_dir)
-        tokenizer = build_tokenizer(variant)
-        processor = build_processor(tokenizer)
-        config = build_config(tokenizer, variant)
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config).eval()
-        model.generation_config.pad_token_id = config.text_config.pad_token_id
-        model.generation_config.eos_token_id = config.text_config.eos_token_id
+        tokenizer = build_tokenizer("compact" if variant == "compact" else "qwen-ids")
+        model = random_model(variant, tokenizer, seed, device, text_layers, vision_depth)
+        model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+        model.generation_config.eos_token_id = model.config.text_config.eos_token_id
         model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if variant == "qwen-ids":
+        del model
+        build_processor(tokenizer, image_size).save_pretrained(tmp)
+        if variant != "compact":
             _write_slow_tokenizer_files(tokenizer, tmp)
             _name_qwen2_tokenizer(tmp)
             _add_legacy_rope_scaling(tmp)
@@ -274,11 +348,17 @@ def ensure(output: str | os.PathLike, variant: str = "compact") -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="Directory to write the checkpoint to.")
-    parser.add_argument("--variant", choices=["compact", "qwen-ids"], default="compact")
+    parser.add_argument("--variant", choices=VARIANTS, default="compact")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    parser.add_argument("--text_layers", type=int, default=28, help="real-dims: decoder layers (2B: 28).")
+    parser.add_argument("--vision_depth", type=int, default=24, help="real-dims: vision blocks (2B: 24).")
     args = parser.parse_args(argv)
-    out = build(args.output, args.variant, args.seed)
-    print(f"Tiny Qwen3-VL ({args.variant}) written to {out}")
+    try:
+        out = build(args.output, args.variant, args.seed, text_layers=args.text_layers,
+                    vision_depth=args.vision_depth)  # fmt: skip
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"Qwen3-VL ({args.variant}) with random weights written to {out}")
 
 
 if __name__ == "__main__":

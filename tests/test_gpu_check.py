@@ -60,15 +60,10 @@ def test_peak_is_matched_on_the_longest_name(bench, name, tflops):
     assert bench.peak_tflops(name) == tflops
 
 
-def test_qwen_ids_tokenizer_matches_the_exact_2b_config(bench):
-    import sys
-
+def test_qwen_ids_tokenizer_matches_the_exact_2b_config():
     from qwen3vl_sft import tiny
 
-    sys.path.insert(0, str(BENCH.parent))
-    from bench_exchange import qwen3vl_2b_config
-
-    config = qwen3vl_2b_config()
-    bench.check_token_ids(tiny.build_tokenizer("qwen-ids"), config)  # raises on a mismatch
+    config = tiny.qwen3vl_2b_config()
+    tiny.check_token_ids(tiny.build_tokenizer("qwen-ids"), config)  # raises on a mismatch
     with pytest.raises(RuntimeError, match="image_pad"):
-        bench.check_token_ids(tiny.build_tokenizer("compact"), config)
+        tiny.check_token_ids(tiny.build_tokenizer("compact"), config)

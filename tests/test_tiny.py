@@ -96,3 +96,15 @@ def test_gpt2_byte_order_puts_newline_at_198():
     assert len(order) == len(set(order)) == 256
     assert order[198] == "\u010a"  # byte 10 ("\n") in the byte-level alphabet
     assert order[0] == "!"
+
+
+def test_real_dims_depth_flags_are_checked_and_deepstack_taps_follow_a_cut_vision_tower(tmp_path, capsys):
+    assert tiny.qwen3vl_2b_config().vision_config.deepstack_visual_indexes == [5, 11, 17]
+    assert tiny.qwen3vl_2b_config(vision_depth=8).vision_config.deepstack_visual_indexes == [5, 7]
+    assert tiny.qwen3vl_2b_config(text_layers=2).text_config.num_hidden_layers == 2
+
+    with pytest.raises(SystemExit) as exit_info:
+        tiny.main(["--output", str(tmp_path / "m"), "--variant", "real-dims", "--text_layers", "0"])
+    assert exit_info.value.code == 2
+    assert "--text_layers and --vision_depth must be >= 1, got 0, 24" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # refused before anything was written
