@@ -111,8 +111,9 @@ def phases(args, work: Path) -> list[tuple[str, list[str]]]:
     from qwen3vl_sft.synthetic import DATA_FILE_NAME
 
     model, data, shards, ws = work / "qwen3-vl-2b-random", work / "data", work / "shards", work / "workspace"
-    built = (model / "config.json").is_file() and any(model.glob("*.safetensors"))
-    out = [] if built else [
+    from qwen3vl_sft.tiny import is_built
+
+    out = [] if is_built(model) else [
         ("checkpoint", python("-m", "qwen3vl_sft.tiny", "--output", model, "--variant", "real-dims"))]  # fmt: skip
     out += [
         ("data", python("-m", "qwen3vl_sft.synthetic", "--output", data, "--num_records", args.num_records,

@@ -90,11 +90,10 @@ def build_checkpoint(out: Path, mode: str) -> Path:
     """The model directory: real 2B dims + qwen-ids tokenizer (gpu), or the tiny compact one (cpu)."""
     from qwen3vl_sft import tiny
 
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return out  # a rerun reuses the 4 GB checkpoint of the previous one
+    # tiny.ensure: a rerun reuses the 4 GB checkpoint of the previous one
     if mode == "cpu":
-        return tiny.build(out, "compact")
-    tiny.build(out, "real-dims", image_size=IMAGE_SIDE, device="cuda")
+        return tiny.ensure(out, "compact")
+    tiny.ensure(out, "real-dims", image_size=IMAGE_SIDE, device="cuda")
     torch.cuda.empty_cache()
     return out
 

@@ -303,6 +303,21 @@ def random_model(variant: str, tokenizer, seed: int, device: str, text_layers: i
         return Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
 
 
+def bad_arguments(variant: str, text_layers: int, vision_depth: int) -> str:
+    """Why these build arguments are refused, or ''."""
+    if variant not in VARIANTS:
+        return f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}"
+    if text_layers < 1 or vision_depth < 1:
+        return f"--text_layers and --vision_depth must be >= 1, got {text_layers}, {vision_depth}"
+    return ""
+
+
+def is_built(output: str | os.PathLike) -> bool:
+    """Whether ``output`` holds a complete checkpoint (config and weights, one file or shards)."""
+    out = Path(output)
+    return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+
 def build(
     output: str | os.PathLike,
     variant: str = "compact",
@@ -316,10 +331,9 @@ def build(
     """Write the checkpoint to ``output`` (atomically: a temp dir renamed into place). ``device``,
     ``text_layers`` and ``vision_depth`` apply to ``real-dims``; ``image_size`` sets the processor's
     pixel bounds."""
-    if variant not in VARIANTS:
-        raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    if text_layers < 1 or vision_depth < 1:
-        raise ValueError(f"--text_layers and --vision_depth must be >= 1, got {text_layers}, {vision_depth}")
+    problem = bad_arguments(variant, text_layers, vision_depth)
+    if problem:
+        raise ValueError(problem)
     out = Path(output)
     with atomic_dir(out) as tmp_dir:
         tmp = Path(tmp_dir)
@@ -337,12 +351,9 @@ def build(
     return out
 
 
-def ensure(output: str | os.PathLike, variant: str = "compact") -> Path:
-    """Build the tiny checkpoint unless a complete one is already at ``output``."""
-    out = Path(output)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    return build(out, variant)
+def ensure(output: str | os.PathLike, variant: str = "compact", **build_args) -> Path:
+    """Build the checkpoint unless a complete one is already at ``output`` (``build_args``: see :func:`build`)."""
+    return Path(output) if is_built(output) else build(output, variant, **build_args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,11 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_layers", type=int, default=28, help="real-dims: decoder layers (2B: 28).")
     parser.add_argument("--vision_depth", type=int, default=24, help="real-dims: vision blocks (2B: 24).")
     args = parser.parse_args(argv)
-    try:
-        out = build(args.output, args.variant, args.seed, text_layers=args.text_layers,
-                    vision_depth=args.vision_depth)  # fmt: skip
-    except ValueError as err:
-        parser.error(str(err))
+    problem = bad_arguments(args.variant, args.text_layers, args.vision_depth)
+    if problem:
+        parser.error(problem)
+    out = build(
+        args.output, args.variant, args.seed, text_layers=args.text_layers, vision_depth=args.vision_depth
+    )
     print(f"Qwen3-VL ({args.variant}) with random weights written to {out}")
 
 

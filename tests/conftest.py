@@ -19,17 +19,37 @@ torch.set_num_threads(1)
 # Every Python a test starts (NVFlare's server and workers, torchrun, trainers) inherits this: on the hang
 # watch's SIGABRT each prints the stack of every thread, so a stuck run says where it is stuck.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
-# The slowest test takes ~110 s in CI; pytest-timeout (900 s) stays the last resort.
+# The slowest phase takes ~110 s in CI (a production test; the real-width test builds its model in ~15 s
+# and trains in ~35 s); pytest-timeout (900 s) stays the last resort.
 HANG_SECONDS = float(os.environ.get("TEST_HANG_SECONDS", "480"))
 
 
-@pytest.fixture(autouse=True)
-def hang_watch(request, tmp_path_factory):
-    """Past HANG_SECONDS, report the test's processes and logs, then end them (see tests/hang_watch.py)."""
-    uses_tmp = "tmp_path" in request.fixturenames
-    root = request.getfixturevalue("tmp_path") if uses_tmp else tmp_path_factory.getbasetemp()
-    with watch_for_hang(request.node.nodeid, Path(root), HANG_SECONDS):
-        yield
+def watched(item, phase: str):
+    """Run a test's phase under the hang watch (tests/hang_watch.py); past HANG_SECONDS it fails."""
+    root = Path(item.config._tmp_path_factory.getbasetemp())  # pytest's tmp folders: where the logs are
+    with watch_for_hang(f"{item.nodeid} ({phase})", root, HANG_SECONDS) as fired:
+        result = yield
+    if fired:
+        pytest.fail(f"hang watch: the {phase} ran past {HANG_SECONDS:.0f} s and was ended; its report (processes, "
+                    "their stacks, the newest logs) is in the captured stderr", pytrace=False)  # fmt: skip
+    return result
+
+
+# Each phase, not only the test function: module and session fixtures (a job run once for several tests)
+# are set up inside the first test's setup phase. trylast: inside pytest's capture, so the report is shown.
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_setup(item):
+    return (yield from watched(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_call(item):
+    return (yield from watched(item, "call"))
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item):
+    return (yield from watched(item, "teardown"))
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,10 @@ def free_port_base(count: int) -> int:
     NVFlare's simulator and PoC listen on ports the OS picks (bind to port 0) from that range, after
     job.py checked the sites' ports are free; a site port taken from it could be picked again by them.
     """
-    top = max(LOWEST + 100, ephemeral_ports()[0]) - count
+    top = ephemeral_ports()[0] - count
+    low = max(1024, min(LOWEST, top - 1000))  # a machine whose ephemeral range starts low: below it still
     for _ in range(100):
-        base = random.randrange(LOWEST, top)
+        base = random.randrange(low, top)
         try:
             for port in range(base, base + count):
                 with socket.socket() as s:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from hang_watch import watch_for_hang
 
@@ -19,12 +20,15 @@ def test_a_stuck_child_is_aborted_with_its_stack_in_its_log_and_named_in_the_rep
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     with log.open("w") as out:
         child = subprocess.Popen([sys.executable, "-c", STUCK], stdout=out, stderr=out, env=env)
+    deadline = time.monotonic() + 60
+    while "child started" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # armed once the child sleeps on line 3, however loaded the machine is
     report = io.StringIO()
 
-    with watch_for_hang("tests/x.py::stuck", tmp_path, 2.0, out=report):
+    with watch_for_hang("tests/x.py::stuck", tmp_path, 2.0, out=report) as fired:
         returncode = child.wait(timeout=60)  # returns only because the watch ended the child
 
-    assert returncode == -signal.SIGABRT
+    assert fired == [True] and returncode == -signal.SIGABRT
     text = report.getvalue()
     assert text.startswith("hang watch: tests/x.py::stuck still running after 2 s; 1 processes under it:")
     assert f"pid {child.pid} (parent {os.getpid()}" in text
@@ -38,7 +42,7 @@ def test_a_block_that_ends_in_time_leaves_no_report_and_no_signal(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     report = io.StringIO()
 
-    with watch_for_hang("tests/x.py::quick", tmp_path, 5.0, out=report):
+    with watch_for_hang("tests/x.py::quick", tmp_path, 5.0, out=report) as fired:
         assert child.wait(timeout=30) == 0
 
-    assert report.getvalue() == ""
+    assert fired == [] and report.getvalue() == ""
