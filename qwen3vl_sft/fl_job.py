@@ -388,9 +388,10 @@ def build_recipe(
     train: TrainConfig,
     backend: BackendConfig | None = None,
     exchange: ExchangeConfig | None = None,
+    site_script: str | os.PathLike | None = None,
 ):
     """The FedAvg recipe with per-site commands, timeouts, tracking, failure watch, the update exchange
-    and the lean persistor."""
+    and the lean persistor. ``site_script`` replaces client.py (a benchmark's site, same flags)."""
     from nvflare.recipe.utils import add_experiment_tracking, set_per_site_config
 
     check_job(job, model, data, train)
@@ -409,7 +410,7 @@ def build_recipe(
         name=job.job_name,
         min_clients=job.n_clients,  # NVFlare samples this many sites per round: all of them
         num_rounds=job.num_rounds - start_round,
-        train_script=str(REPO_DIR / "client.py"),  # absolute: job.py runs from any folder
+        train_script=str(site_script or REPO_DIR / "client.py"),  # absolute: job.py runs from any folder
         launch_external_process=True,
         server_expected_format="pytorch",
         key_metric=KEY_METRIC,
