@@ -222,8 +222,14 @@ def run_env(env: str, args, work: Path, model_dir: Path, data_dir: Path, message
     samples = memory.stop()
     starts, transfers, timeouts = log_times(workspace)
     rows = per_round(samples, starts, end, transfers, message)
+    # The server's RSS over time (JSON only), to lay beside its log when a peak needs explaining.
+    server = {}
+    for t, role, rss in samples:
+        if role == "server":
+            server[t] = max(server.get(t, 0), rss)
+    timeline = [(round(t, 2), round(rss / GIB, 3)) for t, rss in sorted(server.items())]
     return {"env": env, "seconds": end - start, "error": error, "rounds": rows, "timeouts": timeouts,
-            "site_lines": site_lines(workspace)}  # fmt: skip
+            "site_lines": site_lines(workspace), "server_rss_gib_timeline": timeline}  # fmt: skip
 
 
 def site_lines(workspace: Path) -> list[dict]:
