@@ -4,7 +4,7 @@ NVFlare starts it as it starts client.py (torchrun, client.py's flags, parsed by
 it trains nothing, so a round costs what the exchange costs: NVFlare's transfer both ways and the
 product's coding of the message (``qwen3vl_sft.exchange.SiteExchange``, as ``fl_client.run_site`` uses
 it). Each round appends one JSON line to ``exchange_site.jsonl`` in its working folder: seconds spent
-waiting in ``flare.receive`` / decoding / encoding / in ``flare.send``, MiB each way, the process's peak RSS.
+waiting for the task (in ``flare.is_running``) / decoding / encoding / in ``flare.send``, MiB each way, the process's peak RSS.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ test's tmp_path; pytest-timeout alone then leaves one line, "Timeout (>900.0s)",
 ``waitpid``. :func:`watch_for_hang` (armed by conftest.py around each test's setup, call and teardown, so
 module fixtures that run a job are watched too) waits ``seconds``; if the phase is still running then, it:
 
-1. sends SIGABRT to each process the test started, deepest first. conftest sets ``PYTHONFAULTHANDLER``
-   for the whole session, so every Python among them (the NVFlare server, simulator workers, torchrun and
-   its trainer) prints the stack of each of its threads to its stderr, which lands in its log file or in
-   the test's captured output;
+1. sends SIGABRT to each process under pytest's (the test's, and any helper of the session), deepest
+   first. conftest sets ``PYTHONFAULTHANDLER`` for the whole session, so every Python among them (the
+   NVFlare server, simulator workers, torchrun and its trainer) prints the stack of each of its threads
+   to its stderr, which lands in its log file or in the test's captured output;
 2. writes to stderr (captured and shown with the failure): the process tree it found, and the tails of
    the newest logs under pytest's base temp folder (the stuck run's);
 3. SIGKILLs what it signalled, so the test's blocked wait returns and the test fails now, with the report.
