@@ -80,11 +80,17 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
 
 def report_demo(job: JobConfig, model: ModelConfig, data: DataConfig, summary) -> dict:
     """Before/after table on the held-out test set, plus the report files."""
+    from transformers.utils import logging as hf_logging
+
     from .evaluate import evaluate_model_dir
 
     test_file = Path(job.data_dir) / "test.json"
-    before = evaluate_model_dir(model.model_name_or_path, data, test_file)
-    after = evaluate_model_dir(summary.global_model_dir, data, test_file)
+    hf_logging.disable_progress_bar()  # a weight-loading bar per tiny model is noise below the job's view
+    try:
+        before = evaluate_model_dir(model.model_name_or_path, data, test_file)
+        after = evaluate_model_dir(summary.global_model_dir, data, test_file)
+    finally:
+        hf_logging.enable_progress_bar()
     out = DEMO_DIR / "report"
     out.mkdir(parents=True, exist_ok=True)
     plot_rounds(summary.rows, out / "fl_metrics.png")

@@ -615,6 +615,16 @@ class JobDetached(KeyboardInterrupt):
     """Ctrl-C while following a job on a deployment: the job goes on there; the message says how to reach it."""
 
 
+def job_result(job: JobConfig, env, run) -> str | None:
+    """The finished job's result folder."""
+    if job.env == "sim":
+        # The simulator has ended when recipe.run returns. Run.get_result would also ask SimEnv for a job
+        # status, which it does not keep, and SimEnv prints a note on the console saying so.
+        return env.get_job_result(run.get_job_id())
+    # PoC: wait for the job's end, and keep its workspace (server and site logs, the job's result folder).
+    return run.get_result(clean_up=False)
+
+
 def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> Summary:
     """Run the recipe in the simulator, PoC or a deployment; the summary, or JobFailed with the reason."""
     if job.env == "prod":
@@ -627,8 +637,7 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
             job_console(job, search_dir, getattr(recipe, "_start_round", 0)),
         ):
             run = recipe.run(env)  # the simulator returns when the job has ended, PoC once it is submitted
-            # PoC: keep its workspace (server and site logs, the job's result folder) for the user to inspect.
-            result_dir = run.get_result(clean_up=job.env != "poc")
+            result_dir = job_result(job, env, run)
     except RuntimeError as err:
         if interrupted:  # NVFlare's simulator turns Ctrl-C into "failed with return code -9"
             raise KeyboardInterrupt from None

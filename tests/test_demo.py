@@ -58,6 +58,8 @@ def test_demo_console_is_short_plain_and_has_no_traceback(tmp_path):
     assert f"Logs: server {workspace}/qwen3-vl-fedavg-demo/server/log.txt" in console
     assert "Job finished." in console and "Evaluate it: " in console and "Held-out test set" in console
     assert not [line for line in lines if " INFO " in line or " - INFO - " in line]  # NVFlare's stream
+    assert "get_status returns None" not in console  # SimEnv's note on a status it does not keep
+    assert "Loading weights" not in console  # the report's model loads show no progress bars
     logs = [p for p in workspace.rglob("*") if p.suffix in (".txt", ".log") and p.is_file()]
     assert any(p.name == "log.txt" for p in logs)  # the full logs are still written
     assert not [p for p in logs if "Traceback" in p.read_text(errors="replace")]
