@@ -436,6 +436,7 @@ def build_recipe(
     add_update_exchange(recipe, exchange)
     add_experiment_tracking(recipe, "tensorboard")
     add_console_events(recipe)
+    add_memory_release(recipe)
     if job.wandb:
         add_experiment_tracking(recipe, "wandb", wandb_tracking_config())
     return recipe
@@ -511,6 +512,14 @@ def add_console_events(recipe) -> None:
     # Recipes have no public call for a plain server component; add_experiment_tracking adds its receiver so.
     recipe._job.to_server(ConsoleRecorder(), id="console_recorder")
     recipe.add_server_input_filter(ConsoleResultFilter(), tasks=["train"])
+
+
+def add_memory_release(recipe) -> None:
+    """The server frees each received result and each replaced global once FedAvg is done with them."""
+    from .fl_server import RoundMemoryRelease
+
+    # Recipes have no public call for a plain server component (see add_console_events).
+    recipe._job.to_server(RoundMemoryRelease(), id="round_memory_release")
 
 
 def add_update_exchange(recipe, exchange: ExchangeConfig) -> None:

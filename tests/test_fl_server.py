@@ -1,0 +1,72 @@
+"""qwen3vl_sft.fl_server.RoundMemoryRelease on NVFlare's own context, shareables and learnables, fired the
+events FedAvg fires in a round: the result and the replaced global are emptied once spent, nothing else."""
+
+from __future__ import annotations
+
+import torch
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+
+from qwen3vl_sft.fl_server import RoundMemoryRelease
+
+
+def shareable(tensors: dict):
+    return DXO(data_kind=DataKind.WEIGHTS, data=tensors).to_shareable()
+
+
+def weights():
+    return {"w": torch.ones(3), "b": torch.zeros(2)}
+
+
+def send(release: RoundMemoryRelease, ctx: FLContext, task_data) -> None:
+    ctx.set_prop(AppConstants.TRAIN_SHAREABLE, task_data, private=True, sticky=False)
+    release.handle_event(AppEventType.BEFORE_TRAIN_TASK, ctx)
+
+
+def receive(release: RoundMemoryRelease, ctx: FLContext, result, accepted: bool) -> None:
+    ctx.set_prop(AppConstants.TRAINING_RESULT, result, private=True, sticky=False)
+    ctx.set_prop(AppConstants.AGGREGATION_ACCEPTED, accepted, private=True, sticky=False)
+    release.handle_event(AppEventType.AFTER_CONTRIBUTION_ACCEPT, ctx)
+
+
+def update_global(release: RoundMemoryRelease, ctx: FLContext, new_global: dict) -> None:
+    ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(new_global, {}), private=True, sticky=True)
+    release.handle_event(AppEventType.AFTER_SHAREABLE_TO_LEARNABLE, ctx)
+
+
+def test_an_accepted_result_is_emptied_a_refused_one_is_left_alone():
+    release, ctx = RoundMemoryRelease(), FLContext()
+    accepted, refused = shareable(weights()), shareable(weights())
+    receive(release, ctx, accepted, accepted=True)
+    receive(release, ctx, refused, accepted=False)
+    assert from_shareable(accepted).data == {}
+    assert set(from_shareable(refused).data) == {"w", "b"}
+
+
+def test_the_sent_global_is_emptied_once_the_aggregate_replaces_it():
+    release, ctx = RoundMemoryRelease(), FLContext()
+    sent = weights()
+    send(release, ctx, shareable(sent))
+    send(release, ctx, shareable(sent))  # each site's task carries the same global
+    update_global(release, ctx, weights())  # full weights: a new dict
+    assert sent == {}
+
+
+def test_a_global_updated_in_place_stays():
+    """With --exchange update FedAvg adds the mean update into the sent dict: that dict is the new global."""
+    release, ctx = RoundMemoryRelease(), FLContext()
+    sent = weights()
+    send(release, ctx, shareable(sent))
+    sent["w"] = sent["w"] + 1
+    update_global(release, ctx, sent)
+    assert torch.equal(sent["w"], torch.full((3,), 2.0)) and set(sent) == {"w", "b"}
+
+
+def test_a_round_without_a_task_frees_nothing():
+    release, ctx = RoundMemoryRelease(), FLContext()
+    kept = weights()
+    update_global(release, ctx, kept)  # e.g. the first save after a resume, before any task went out
+    assert set(kept) == {"w", "b"}
