@@ -7,13 +7,13 @@ NVFlare starts it on each site (see job.py) as
         --eval_data_path /data/site-1/val.json
 
 The flags are the engine's config dataclasses (qwen3vl_sft.config); the loop itself is
-qwen3vl_sft.fl_client.run_site: receive -> load -> validate -> train -> send. With
+qwen3vl_sft.fl.client.run_site: receive -> load -> validate -> train -> send. With
 --backend official a QwenLM/Qwen3-VL clone's train() does the training (docs/official_backend.md).
 """
 
 from qwen3vl_sft.config import BackendConfig, DataConfig, ExchangeConfig, ModelConfig, TrainConfig, parse
-from qwen3vl_sft.fl_client import run_site, setup_logging
-from qwen3vl_sft.train import SFTConfig
+from qwen3vl_sft.fl.client import run_site, setup_logging
+from qwen3vl_sft.train.engine import SFTConfig
 
 
 def main(argv=None):

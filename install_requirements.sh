@@ -48,7 +48,7 @@ if [ "${1:-}" = "--official" ]; then
     "$OPY" -m pip install --quiet -r requirements-official.txt
     # flash-attn 2.7.4.post1 is the version the clone's README names, built against its torch 2.6.
     build_flash_attn "$OPY" "flash-attn==2.7.4.post1"
-    echo "Done. Pass it to job.py (or python -m qwen3vl_sft.official): --qwen3vl_python $OPY"
+    echo "Done. Pass it to job.py (or python -m qwen3vl_sft.train.official): --qwen3vl_python $OPY"
     exit 0
 fi
 

@@ -21,7 +21,7 @@ from qwen3vl_sft.config import (
     TrainConfig,
     parse,
 )
-from qwen3vl_sft.records import DataError
+from qwen3vl_sft.data.records import DataError
 
 
 def main(argv=None):
@@ -29,8 +29,8 @@ def main(argv=None):
     job, model, data, train, backend, exchange = parse(configs, argv, description=__doc__)
     import torch
 
-    from qwen3vl_sft import fl_job
     from qwen3vl_sft.demo import prepare_demo, report_demo
+    from qwen3vl_sft.fl import job as fl_job
 
     try:
         if job.demo:

@@ -8,11 +8,11 @@ tensors (bf16, tied embeddings once, no frozen vision tower; LoRA: adapters only
 checkpoint's safetensors, so the server never builds the 2B model.
 """
 
-from qwen3vl_sft.fl_server import GlobalModel, main
+from qwen3vl_sft.fl.server import GlobalModel, main
 
 
 class Qwen3VLGlobalModel(GlobalModel):
-    """The global model NVFlare persists and sends each round (see qwen3vl_sft.fl_server)."""
+    """The global model NVFlare persists and sends each round (see qwen3vl_sft.fl.server)."""
 
 
 if __name__ == "__main__":

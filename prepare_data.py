@@ -13,7 +13,7 @@ Pass ``--data_file ''`` to download ``--split_name`` from the Hugging Face Hub i
 
 Exact duplicate records are dropped (the first is kept), records sharing an image or an id stay on
 one side of every split, ``--val_fraction 0`` / ``--test_fraction 0`` write no ``val.json`` /
-``test.json``; the manifest counts all of it (keys: :mod:`qwen3vl_sft.prepare`).  Exit codes: 0 done,
+``test.json``; the manifest counts all of it (keys: :mod:`qwen3vl_sft.data.prepare`).  Exit codes: 0 done,
 2 bad data or flag (one line on stderr), 130 interrupted (nothing published).
 """
 
@@ -22,9 +22,9 @@ from __future__ import annotations
 import sys
 
 from qwen3vl_sft.config import PrepareDataConfig, parse
-from qwen3vl_sft.prepare import report, run
-from qwen3vl_sft.records import DataError
-from qwen3vl_sft.sharding import InterruptedAfterPublish
+from qwen3vl_sft.data.prepare import report, run
+from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.data.sharding import InterruptedAfterPublish
 
 
 def main(argv: list[str] | None = None) -> int:

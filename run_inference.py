@@ -9,9 +9,9 @@
         --data_file data/test.json --max_samples 100 --batch_size 16
 
     # offline on CPU: tiny model, synthetic data, one short training run
-    python -m qwen3vl_sft.tiny --output tiny_models/qwen3-vl-tiny
-    python -m qwen3vl_sft.synthetic --output PubMedVision_synth --num_records 600
-    python -m qwen3vl_sft.train --model_name_or_path tiny_models/qwen3-vl-tiny \\
+    python -m qwen3vl_sft.model.tiny --output tiny_models/qwen3-vl-tiny
+    python -m qwen3vl_sft.data.synthetic --output PubMedVision_synth --num_records 600
+    python -m qwen3vl_sft.train.engine --model_name_or_path tiny_models/qwen3-vl-tiny \\
         --data_path PubMedVision_synth/PubMedVision_InstructionTuning_VQA.json --max_steps 300 \\
         --learning_rate 1e-3 --per_device_train_batch_size 16 --output_dir outputs/tiny-sft
     python run_inference.py --base_model tiny_models/qwen3-vl-tiny --model_path outputs/tiny-sft \\
@@ -24,7 +24,7 @@
         --data_file ./data/site-1/train.json --image_root ./PubMedVision --max_samples 1
 
 A checkpoint is an HF id or directory, an NVFlare ``FL_global_model.pt`` (full or LoRA), or a LoRA adapter
-directory; the kind is detected (see qwen3vl_sft/inference.py). The "base" row is --base_model or the base
+directory; the kind is detected (see qwen3vl_sft/eval/inference.py). The "base" row is --base_model or the base
 the checkpoint records, never a default hub id. Per checkpoint the table shows the mean teacher-forced
 loss on the ground-truth answers, ROUGE-L, token F1 and exact-match accuracy on short answers, and the
 records skipped for a defective image (the same for every checkpoint); report.json / report.csv /
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     # Imported here so that Ctrl-C during the slow torch/transformers import also ends in one line.
-    from qwen3vl_sft import inference
     from qwen3vl_sft.config import InferenceConfig, parse
+    from qwen3vl_sft.eval import inference
 
     (cfg,) = parse((InferenceConfig,), argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

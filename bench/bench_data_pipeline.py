@@ -148,7 +148,8 @@ class CachedCollator:
 
 
 def build_inputs(args, work: Path) -> tuple[Path, Path]:
-    from qwen3vl_sft import synthetic, tiny
+    from qwen3vl_sft.data import synthetic
+    from qwen3vl_sft.model import tiny
 
     model_dir = tiny.ensure(work / "qwen3-vl-tiny")
     spec = synthetic.SyntheticSpec(num_records=args.num_records)
@@ -157,7 +158,7 @@ def build_inputs(args, work: Path) -> tuple[Path, Path]:
 
 def sft_config(args, model_dir: Path, data_file: Path, work: Path, workers: int):
     from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
-    from qwen3vl_sft.train import SFTConfig
+    from qwen3vl_sft.train.engine import SFTConfig
 
     train = TrainConfig(
         output_dir=str(work / "out"), learning_rate=5e-4, per_device_train_batch_size=args.batch_size,
@@ -173,8 +174,8 @@ class Bench:
 
     def __init__(self, args, model_dir: Path, data_file: Path, work: Path):
         from qwen3vl_sft.config import DataConfig
-        from qwen3vl_sft.data import Collator
-        from qwen3vl_sft.train import SFTEngine
+        from qwen3vl_sft.data.samples import Collator
+        from qwen3vl_sft.train.engine import SFTEngine
 
         self.default_workers = DataConfig().dataloader_num_workers
         self.engine = SFTEngine(sft_config(args, model_dir, data_file, work, self.default_workers))
@@ -211,7 +212,7 @@ class Bench:
             dataset.cache, data.cache_samples = None, False
 
     def in_memory(self, collator) -> Run:
-        from qwen3vl_sft.train import RoundTrainer, training_arguments
+        from qwen3vl_sft.train.engine import RoundTrainer, training_arguments
 
         self.reset(0)  # batches are ready: worker processes would only add start-up and IPC
         run = Run()

@@ -38,7 +38,7 @@ TARGET_LORA_MB = 98.0
 
 def write_config_dir(out: Path) -> Path:
     """A checkpoint directory holding only config.json (what meta_model needs; no weights)."""
-    from qwen3vl_sft.tiny import qwen3vl_2b_config
+    from qwen3vl_sft.model.tiny import qwen3vl_2b_config
 
     qwen3vl_2b_config().save_pretrained(out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"], "config-only dir expected"
@@ -48,7 +48,7 @@ def write_config_dir(out: Path) -> Path:
 def measure(model_dir: Path) -> list[tuple[str, int, int]]:
     """(case, tensor count, bf16 bytes) for every configuration of the message."""
     from qwen3vl_sft.config import ModelConfig
-    from qwen3vl_sft.weights import exchanged_tensors, message_bytes, meta_model
+    from qwen3vl_sft.model.weights import exchanged_tensors, message_bytes, meta_model
 
     path = str(model_dir)
     full_sft = meta_model(ModelConfig(model_name_or_path=path))
@@ -94,9 +94,9 @@ def print_table(rows: list[tuple[str, int, int]]) -> None:
 
 def compression_rows(model_dir: Path) -> list[tuple[str, str, int]]:
     """(case, codec, exact bytes incl. block scales) of one coded update, per --compression mode."""
-    from qwen3vl_sft.compression import CODECS, coded_bytes
     from qwen3vl_sft.config import ModelConfig
-    from qwen3vl_sft.weights import exchanged_tensors, meta_model
+    from qwen3vl_sft.fl.compression import CODECS, coded_bytes
+    from qwen3vl_sft.model.weights import exchanged_tensors, meta_model
 
     rows = []
     for case, model_config in {

@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def inputs(args, work: Path) -> tuple[str, str]:
-    from qwen3vl_sft import synthetic, tiny
+    from qwen3vl_sft.data import synthetic
+    from qwen3vl_sft.model import tiny
 
     model = args.model or str(tiny.ensure(work / "qwen3-vl-tiny"))
     spec = synthetic.SyntheticSpec(num_records=max(args.num_samples, 64))
@@ -62,9 +63,9 @@ def main(argv=None) -> int:
     import torch
 
     from qwen3vl_sft.config import DataConfig, InferenceConfig
-    from qwen3vl_sft.data import build_dataset
-    from qwen3vl_sft.evaluate import generate_answers
-    from qwen3vl_sft.inference import Checkpoint, load_checkpoint
+    from qwen3vl_sft.data.samples import build_dataset
+    from qwen3vl_sft.eval.evaluate import generate_answers
+    from qwen3vl_sft.eval.inference import Checkpoint, load_checkpoint
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_real_dims.py --work_dir /tmp/real_dims      # CPU, no download
 
 1. writes Qwen3-VL-2B-Instruct's exact configuration with random bf16 weights and the qwen-ids tokenizer
-   (``python -m qwen3vl_sft.tiny --variant real-dims``: 28 layers, 151,936 vocabulary; 4.3 GB; a rerun
+   (``python -m qwen3vl_sft.model.tiny --variant real-dims``: 28 layers, 151,936 vocabulary; 4.3 GB; a rerun
    with the same ``--work_dir`` reuses it);
 2. writes a synthetic PubMedVision set in its realistic mode (paragraph answers, varied images) and
    shards it for one site with ``prepare_data.py``;
@@ -108,15 +108,15 @@ def python(*args) -> list[str]:
 
 
 def phases(args, work: Path) -> list[tuple[str, list[str]]]:
-    from qwen3vl_sft.synthetic import DATA_FILE_NAME
+    from qwen3vl_sft.data.synthetic import DATA_FILE_NAME
 
     model, data, shards, ws = work / "qwen3-vl-2b-random", work / "data", work / "shards", work / "workspace"
-    from qwen3vl_sft.tiny import is_built
+    from qwen3vl_sft.model.tiny import is_built
 
     out = [] if is_built(model) else [
-        ("checkpoint", python("-m", "qwen3vl_sft.tiny", "--output", model, "--variant", "real-dims"))]  # fmt: skip
+        ("checkpoint", python("-m", "qwen3vl_sft.model.tiny", "--output", model, "--variant", "real-dims"))]  # fmt: skip
     out += [
-        ("data", python("-m", "qwen3vl_sft.synthetic", "--output", data, "--num_records", args.num_records,
+        ("data", python("-m", "qwen3vl_sft.data.synthetic", "--output", data, "--num_records", args.num_records,
                         "--realistic")),
         ("shards", python("prepare_data.py", "--data_file", data / DATA_FILE_NAME,
                           "--output_dir", shards, "--num_clients", 1)),
@@ -143,7 +143,7 @@ def adapter_figures(path: Path) -> dict:
 
 
 def site_step_seconds(work: Path) -> dict:
-    from qwen3vl_sft.fl_job import read_site_metrics
+    from qwen3vl_sft.fl.job import read_site_metrics
 
     rows = read_site_metrics(str(work / "workspace"))
     row = rows[0] if rows else {}

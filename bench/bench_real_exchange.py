@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def checkpoint(work: Path, text_layers: int) -> Path:
-    from qwen3vl_sft import tiny
+    from qwen3vl_sft.model import tiny
 
     out = work / f"qwen3-vl-2b-random-{text_layers}-layers"
     if not tiny.is_built(out):
@@ -70,9 +70,9 @@ def checkpoint(work: Path, text_layers: int) -> Path:
 
 def shards(work: Path, sites: int) -> Path:
     """A few synthetic records per site: job.py checks each site's train.json; the bench site reads none."""
-    from qwen3vl_sft import synthetic
     from qwen3vl_sft.config import PrepareDataConfig
-    from qwen3vl_sft.prepare import run as prepare
+    from qwen3vl_sft.data import synthetic
+    from qwen3vl_sft.data.prepare import run as prepare
 
     out = work / f"shards-{sites}"
     if not (out / "manifest.json").is_file():
@@ -84,8 +84,8 @@ def shards(work: Path, sites: int) -> Path:
 def message_bytes(model_dir: Path) -> int:
     """The bf16 full-SFT message of this checkpoint, counted on the meta device."""
     from qwen3vl_sft.config import ModelConfig
-    from qwen3vl_sft.weights import exchanged_tensors, meta_model
-    from qwen3vl_sft.weights import message_bytes as count
+    from qwen3vl_sft.model.weights import exchanged_tensors, meta_model
+    from qwen3vl_sft.model.weights import message_bytes as count
 
     return count(exchanged_tensors(meta_model(ModelConfig(model_name_or_path=str(model_dir)))))
 
@@ -201,8 +201,8 @@ def per_round(samples: list, starts: list[float], end: float, transfers: list[di
 
 
 def run_env(env: str, args, work: Path, model_dir: Path, data_dir: Path, message: int) -> dict:
-    from qwen3vl_sft import fl_job
     from qwen3vl_sft.config import DataConfig, ExchangeConfig, JobConfig, ModelConfig, TrainConfig
+    from qwen3vl_sft.fl import job as fl_job
 
     workspace = work / f"workspace-{env}"
     shutil.rmtree(workspace, ignore_errors=True)  # this bench's own folder: a rerun's logs never mix in

@@ -158,7 +158,7 @@ def write_outputs(state: dict, model_config, out: Path) -> None:
     """What GlobalModelPersistor.save_model writes every round."""
     import torch
 
-    from qwen3vl_sft.checkpoints import write_hf_directory
+    from qwen3vl_sft.model.checkpoints import write_hf_directory
 
     torch.save({"model": state}, out / "FL_global_model.pt")
     write_hf_directory(state, model_config, out / "global_model_hf")
@@ -172,9 +172,9 @@ def warm_imports() -> None:
     from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper  # noqa: F401
     from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration  # noqa: F401
 
-    import qwen3vl_sft.checkpoints  # noqa: F401
-    import qwen3vl_sft.fl_server  # noqa: F401
-    import qwen3vl_sft.modeling  # noqa: F401
+    import qwen3vl_sft.fl.server  # noqa: F401
+    import qwen3vl_sft.model.checkpoints  # noqa: F401
+    import qwen3vl_sft.model.modeling  # noqa: F401
 
 
 def emit(**row) -> None:
@@ -207,8 +207,8 @@ def child(args) -> None:
     """Runs in a fresh process: prints one JSON line per phase for the parent."""
     warm_imports()
     from qwen3vl_sft.config import ModelConfig
-    from qwen3vl_sft.fl_server import GlobalModel
-    from qwen3vl_sft.weights import message_bytes
+    from qwen3vl_sft.fl.server import GlobalModel
+    from qwen3vl_sft.model.weights import message_bytes
 
     ckpt = checkpoint_dir(args)
     emit(phase="baseline")

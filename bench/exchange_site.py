@@ -2,7 +2,7 @@
 
 NVFlare starts it as it starts client.py (torchrun, client.py's flags, parsed by the same dataclasses);
 it trains nothing, so a round costs what the exchange costs: NVFlare's transfer both ways and the
-product's coding of the message (``qwen3vl_sft.exchange.SiteExchange``, as ``fl_client.run_site`` uses
+product's coding of the message (``qwen3vl_sft.fl.exchange.SiteExchange``, as ``fl.client.run_site`` uses
 it). Each round appends one JSON line to ``exchange_site.jsonl`` in its working folder: seconds spent
 waiting for the task (in ``flare.is_running``) / decoding / encoding / in ``flare.send``, MiB each way, the process's peak RSS.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qwen3vl_sft.config import BackendConfig, DataConfig, ExchangeConfig, ModelConfig, TrainConfig, parse
-from qwen3vl_sft.exchange import SiteExchange
+from qwen3vl_sft.fl.exchange import SiteExchange
 
 STEP = 2.0**-7  # one bf16 step at 1.0: a relative change no tensor of either dtype rounds away
 

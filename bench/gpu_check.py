@@ -6,7 +6,7 @@
 ``--mode gpu`` (``auto`` picks it when CUDA is present):
 
 1. writes a checkpoint with Qwen3-VL-2B-Instruct's exact config (``tiny.qwen3vl_2b_config``,
-   real 151,936 vocabulary, the qwen-ids tokenizer of ``qwen3vl_sft.tiny``), random weights, bf16;
+   real 151,936 vocabulary, the qwen-ids tokenizer of ``qwen3vl_sft.model.tiny``), random weights, bf16;
 2. full SFT (recipe tune flags) and LoRA (ModelConfig's defaults), ``--steps`` optimizer steps each on one
    synthetic sample of ``--seq_len`` tokens (default DataConfig.model_max_length) holding one 224x224
    image: loaded through ``modeling.load_model`` (bf16 on CUDA; flash_attention_2 when flash-attn is
@@ -27,7 +27,7 @@ head dim Q, T tokens), forward and backward, causal mask not halved (PaLM). The 
 (forward only, 196 patches of 8192 tokens) is left out. MFU = FLOPs per token x tokens/s / peak dense
 bf16 FLOP/s of the GPU (:data:`PEAK_BF16_TFLOPS`, NVIDIA's data sheets, dense, no sparsity).
 
-``--mode cpu``: the same three parts at the tiny dims of ``qwen3vl_sft.tiny`` (compact vocabulary), few
+``--mode cpu``: the same three parts at the tiny dims of ``qwen3vl_sft.model.tiny`` (compact vocabulary), few
 steps, so the script is known to work without a GPU; MFU is null (no peak is assumed for a CPU).
 """
 
@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_checkpoint(out: Path, mode: str) -> Path:
     """The model directory: real 2B dims + qwen-ids tokenizer (gpu), or the tiny compact one (cpu)."""
-    from qwen3vl_sft import tiny
+    from qwen3vl_sft.model import tiny
 
     # tiny.ensure: a rerun reuses the 4 GB checkpoint of the previous one
     if mode == "cpu":
@@ -184,7 +184,7 @@ def run_steps(model, batch, steps: int, device) -> list[float]:
 
 def train_case(model_dir: Path, lora: bool, args, device) -> dict:
     """One configuration (full SFT or LoRA): throughput, peak memory, MFU."""
-    from qwen3vl_sft.modeling import checkpoint_config, count_parameters, load_model
+    from qwen3vl_sft.model.modeling import checkpoint_config, count_parameters, load_model
 
     config = checkpoint_config(str(model_dir))
     model = load_model(ModelConfig(model_name_or_path=str(model_dir), lora=lora)).to(device).train()
@@ -239,9 +239,9 @@ class DeviceMemorySampler(threading.Thread):
 
 def federated_data(work: Path, records: int) -> Path:
     """Synthetic PubMedVision-format records sharded over 2 sites (train + val each, a test.json)."""
-    from qwen3vl_sft import synthetic
     from qwen3vl_sft.config import PrepareDataConfig
-    from qwen3vl_sft.prepare import run as prepare_shards
+    from qwen3vl_sft.data import synthetic
+    from qwen3vl_sft.data.prepare import run as prepare_shards
 
     data_file = synthetic.ensure(work / "synth", synthetic.SyntheticSpec(num_records=records))
     out = work / "data"
@@ -262,7 +262,7 @@ def job_command(model_dir: Path, data_dir: Path, work: Path, args) -> list[str]:
 
 def federated_round(model_dir: Path, work: Path, args) -> dict:
     """One FedAvg round through job.py; what it printed goes to <work_dir>/federated_round.log."""
-    from qwen3vl_sft.fl_job import read_site_metrics
+    from qwen3vl_sft.fl.job import read_site_metrics
 
     cmd = job_command(model_dir, federated_data(work, args.fl_records), work, args)
     sampler = DeviceMemorySampler() if args.mode == "gpu" else None
@@ -305,7 +305,7 @@ def server_files(result_dir: Path) -> dict[str, float]:
 def environment(mode: str, device) -> dict:
     import transformers
 
-    from qwen3vl_sft.official_launch import flash_attn_available
+    from qwen3vl_sft.train.official_launch import flash_attn_available
 
     return {
         "mode": mode,

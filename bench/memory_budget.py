@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def meta_models(model_dir: str) -> dict:
     """The full-SFT (recipe tune flags) and LoRA (ModelConfig's defaults) models on the meta device."""
-    from qwen3vl_sft.weights import meta_model
+    from qwen3vl_sft.model.weights import meta_model
 
     return {
         "full": meta_model(ModelConfig(model_name_or_path=model_dir)),
@@ -206,8 +206,8 @@ def server_and_disk(models: dict, sites: int, base_element_size: int) -> dict[st
     """Message sizes, the server's RAM (in-time vs held results) and disk per round (module docstring)."""
     import torch
 
-    from qwen3vl_sft.compression import coded_bytes
-    from qwen3vl_sft.weights import exchanged_tensors, message_bytes
+    from qwen3vl_sft.fl.compression import coded_bytes
+    from qwen3vl_sft.model.weights import exchanged_tensors, message_bytes
 
     out = {}
     for kind, model in models.items():
@@ -258,7 +258,7 @@ def print_report(figures: dict) -> None:
 
 def budget(model_dir: str, tokens: int, sites: int, label: str) -> dict:
     """Every figure, from the meta-device models of ``model_dir``."""
-    from qwen3vl_sft.modeling import checkpoint_config
+    from qwen3vl_sft.model.modeling import checkpoint_config
 
     models = meta_models(model_dir)
     dims = text_dims(models["full"].config)

@@ -81,8 +81,9 @@ class CommunicationConfig:
 
 def build_data(exp: CommunicationConfig, work: Path) -> tuple[Path, Path]:
     """(tiny model dir, shard dir): built once, reused by every job."""
-    from qwen3vl_sft import synthetic, tiny
-    from qwen3vl_sft.prepare import run as prepare_shards
+    from qwen3vl_sft.data import synthetic
+    from qwen3vl_sft.data.prepare import run as prepare_shards
+    from qwen3vl_sft.model import tiny
 
     model_dir = tiny.ensure(work / "qwen3-vl-tiny")
     data_file = synthetic.ensure(work / "synth", synthetic.SyntheticSpec(num_records=exp.num_records))
@@ -98,9 +99,9 @@ def run_mode(exp, mode: str, lr: float, model_dir: Path, data_dir: Path, work: P
     """One FedAvg job; returns its per-round rows, test accuracy and loss."""
     from federated_benefit import quiet
 
-    from qwen3vl_sft import fl_job
     from qwen3vl_sft.demo import DEMO_DATA
-    from qwen3vl_sft.evaluate import evaluate_model_dir
+    from qwen3vl_sft.eval.evaluate import evaluate_model_dir
+    from qwen3vl_sft.fl import job as fl_job
 
     model_changes, exchange_changes = MODES[mode]
     name = f"{mode}-lr{lr:g}"
@@ -139,8 +140,8 @@ def curve(result: dict, num_rounds: int) -> list[tuple[float, float | None]]:
 
 def scaled_to_2b(result: dict, shapes_2b: dict, exp: CommunicationConfig) -> float:
     """MiB the same messages take at Qwen3-VL-2B's dimensions (full SFT or LoRA r 16), all sites."""
-    from qwen3vl_sft.compression import coded_bytes
-    from qwen3vl_sft.exchange import full_codec
+    from qwen3vl_sft.fl.compression import coded_bytes
+    from qwen3vl_sft.fl.exchange import full_codec
 
     model_changes, exchange_changes = MODES[result["mode"]]
     shapes = shapes_2b["lora" if model_changes.get("lora") else "full"]
@@ -157,7 +158,7 @@ def scaled_to_2b(result: dict, shapes_2b: dict, exp: CommunicationConfig) -> flo
 def shapes_at_2b(work: Path) -> dict[str, dict]:
     from bench_exchange import write_config_dir
 
-    from qwen3vl_sft.weights import exchanged_tensors, meta_model
+    from qwen3vl_sft.model.weights import exchanged_tensors, meta_model
 
     config_dir = work / "qwen3-vl-2b-config"
     if not (config_dir / "config.json").is_file():

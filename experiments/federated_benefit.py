@@ -40,9 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package lives at the repo root
 
 from qwen3vl_sft.config import JobConfig, PrepareDataConfig, TrainConfig, parse, with_defaults  # noqa: E402
+from qwen3vl_sft.data.synthetic import QUADRANTS  # noqa: E402
 from qwen3vl_sft.demo import DEMO_DATA, DEMO_TRAIN  # noqa: E402
 from qwen3vl_sft.fileio import atomic_write_json, json_safe  # noqa: E402
-from qwen3vl_sft.synthetic import QUADRANTS  # noqa: E402
 
 FL_MIN_ACCURACY = 0.90
 LOCAL_MAX_ACCURACY = 0.60
@@ -131,7 +131,7 @@ class Paths:
 
 
 def synthetic_spec(exp: ExperimentConfig):
-    from qwen3vl_sft.synthetic import SyntheticSpec
+    from qwen3vl_sft.data.synthetic import SyntheticSpec
 
     return SyntheticSpec(
         num_records=exp.num_records,
@@ -144,7 +144,8 @@ def synthetic_spec(exp: ExperimentConfig):
 
 def build_data(exp: ExperimentConfig, paths: Paths) -> Path:
     """The tiny model and the synthetic set (always regenerated: it must match the flags); returns its file."""
-    from qwen3vl_sft import synthetic, tiny
+    from qwen3vl_sft.data import synthetic
+    from qwen3vl_sft.model import tiny
 
     tiny.ensure(paths.model_dir)
     return synthetic.generate(paths.out / "PubMedVision_synth", synthetic_spec(exp))
@@ -159,7 +160,7 @@ def split_data(exp: ExperimentConfig, data_file: Path, data_dir: Path) -> tuple[
     modality split cannot help (quadrants do not follow modality), so it is split once.
     Returns (manifest, coverage); the seed used is the manifest's ``config.seed``.
     """
-    from qwen3vl_sft.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import run as prepare_shards
 
     tries = 1 if exp.split == "modality" else SPLIT_SEED_TRIES
     for seed in range(exp.data_seed, exp.data_seed + tries):
@@ -185,8 +186,8 @@ def split_data(exp: ExperimentConfig, data_file: Path, data_dir: Path) -> tuple[
 
 def first_answers(path: Path) -> list[str]:
     """The answer accuracy is scored on (run_inference scores each record's first answer)."""
-    from qwen3vl_sft.evaluate import first_answer
-    from qwen3vl_sft.records import load_records
+    from qwen3vl_sft.data.records import load_records
+    from qwen3vl_sft.eval.evaluate import first_answer
 
     return [first_answer(r) for r in load_records(path)]
 
@@ -235,7 +236,7 @@ def seen_answer_ceilings(data_dir: Path, coverage: dict[str, set[str]]) -> dict[
 
 def write_union(data_dir: Path, num_sites: int) -> Path:
     """All sites' train records in one file (under data_dir, so image paths resolve as for the shards)."""
-    from qwen3vl_sft.records import load_records
+    from qwen3vl_sft.data.records import load_records
 
     records = []
     for i in range(1, num_sites + 1):
@@ -279,7 +280,7 @@ def train_alone(model_dir: Path, data_path: Path, train: TrainConfig, steps: int
     """One SFT run of ``steps`` steps (one cosine schedule, as FL spreads one over its rounds), saved as
     an HF directory in ``out``; returns its seconds."""
     from qwen3vl_sft.config import DataConfig, ModelConfig
-    from qwen3vl_sft.train import SFTConfig, SFTEngine
+    from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
 
     start = time.monotonic()
     config = SFTConfig(
@@ -312,8 +313,8 @@ def train_in_parallel(runs: list[tuple], train: TrainConfig) -> list[float]:
 
 def run_fedavg(exp: ExperimentConfig, train: TrainConfig, paths: Paths):
     """The job.py FedAvg job in the NVFlare simulator; returns fl_job's Summary."""
-    from qwen3vl_sft import fl_job
     from qwen3vl_sft.config import DataConfig, ModelConfig
+    from qwen3vl_sft.fl import job as fl_job
 
     job = JobConfig(
         n_clients=exp.num_sites,
@@ -365,8 +366,8 @@ def train_all(exp: ExperimentConfig, train: TrainConfig, paths: Paths, plan: Ste
 
 def evaluate_arms(arms: dict[str, dict], paths: Paths, max_new_tokens: int) -> list:
     """run_inference's evaluation of every arm (and the untrained base) on test.json, one model at a time."""
-    from qwen3vl_sft import inference
     from qwen3vl_sft.config import InferenceConfig
+    from qwen3vl_sft.eval import inference
 
     order = sorted(arms, key=lambda label: KINDS.index(arms[label]["kind"]))  # stable: site order kept
     cfg = InferenceConfig(

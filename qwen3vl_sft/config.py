@@ -3,7 +3,7 @@
 The same classes serve every entry point:
 
 * ``python prepare_data.py``           -> :class:`PrepareDataConfig`
-* ``python -m qwen3vl_sft.train``      -> :class:`ModelConfig`, :class:`DataConfig`, :class:`TrainConfig`
+* ``python -m qwen3vl_sft.train.engine``      -> :class:`ModelConfig`, :class:`DataConfig`, :class:`TrainConfig`
 * ``client.py`` (inside NVFlare)       -> the same three, built by job.py and passed as flags
 * ``python job.py``                    -> :class:`JobConfig` plus the three above
 
@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .records import DataError
+from .data.records import DataError
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 DEFAULT_DATA_FILE = "PubMedVision/PubMedVision_InstructionTuning_VQA.json"
@@ -231,7 +231,7 @@ class JobConfig:
 
 @dataclass
 class ExchangeConfig:
-    """What crosses the network each round, both ways (qwen3vl_sft.exchange, docs/exchange.md)."""
+    """What crosses the network each round, both ways (qwen3vl_sft.fl.exchange, docs/exchange.md)."""
 
     exchange: Literal["update", "weights"] = _f(
         "update",

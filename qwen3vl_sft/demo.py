@@ -16,9 +16,10 @@ import json
 import math
 from pathlib import Path
 
-from . import synthetic, tiny
 from .config import DataConfig, JobConfig, ModelConfig, PrepareDataConfig, TrainConfig, with_defaults
+from .data import synthetic
 from .fileio import json_safe
+from .model import tiny
 
 DEMO_DIR = Path("demo")
 # Measured on 2 CPU cores: 3 sites x 5 rounds x 100 steps reach 96 % held-out accuracy in under 3 minutes.
@@ -36,7 +37,7 @@ DEMO_RECORDS = 1500
 
 def prepare_demo(job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig):
     """Build the tiny model and data if missing, shard the data, return the demo's configs."""
-    from .prepare import run as prepare_shards
+    from .data.prepare import run as prepare_shards
 
     model_dir = tiny.ensure(DEMO_DIR / "qwen3-vl-tiny")
     data_file = synthetic.ensure(
@@ -82,7 +83,7 @@ def report_demo(job: JobConfig, model: ModelConfig, data: DataConfig, summary) -
     """Before/after table on the held-out test set, plus the report files."""
     from transformers.utils import logging as hf_logging
 
-    from .evaluate import evaluate_model_dir
+    from .eval.evaluate import evaluate_model_dir
 
     test_file = Path(job.data_dir) / "test.json"
     hf_logging.disable_progress_bar()  # a weight-loading bar per tiny model is noise below the job's view

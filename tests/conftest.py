@@ -10,7 +10,8 @@ import pytest
 import torch
 from hang_watch import watch_for_hang
 
-from qwen3vl_sft import synthetic, tiny
+from qwen3vl_sft.data import synthetic
+from qwen3vl_sft.model import tiny
 
 # One compute thread for in-process tests: the tiny model gains little from two, and OpenMP threads
 # spinning against other processes on a 2-core machine made timings swing several-fold (measured).
@@ -92,7 +93,7 @@ HELD_OUT_RECORDS = 40
 def shards(synth_file, tmp_path_factory) -> Path:
     """synth_file split over 3 sites by prepare_data (the FL tests' data; tests copy it to change it)."""
     from qwen3vl_sft.config import PrepareDataConfig
-    from qwen3vl_sft.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import run as prepare_shards
 
     out = tmp_path_factory.mktemp("shards")
     prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=3))
@@ -103,7 +104,7 @@ def shards(synth_file, tmp_path_factory) -> Path:
 def processor(tiny_model_dir):
     """The tiny model's processor (read-only in tests)."""
     from qwen3vl_sft.config import DataConfig
-    from qwen3vl_sft.modeling import load_processor
+    from qwen3vl_sft.model.modeling import load_processor
 
     return load_processor(str(tiny_model_dir), DataConfig())
 
@@ -127,7 +128,7 @@ def tiny_finetuned_dir(tiny_model_dir, synth_dir, synth_split, tmp_path_factory)
     the untrained base on held-out loss, ROUGE-L and exact match; not enough to read the images well.
     """
     from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
-    from qwen3vl_sft.train import SFTConfig, SFTEngine
+    from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
 
     out = tmp_path_factory.mktemp("models") / "qwen3-vl-tiny-sft"
     config = SFTConfig(
@@ -165,7 +166,7 @@ def realistic_dir(tmp_path_factory) -> Path:
 def realistic_shards(realistic_dir, tmp_path_factory) -> Path:
     """realistic_dir split over 2 sites by prepare_data (with its val.json and test.json)."""
     from qwen3vl_sft.config import PrepareDataConfig
-    from qwen3vl_sft.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import run as prepare_shards
 
     out = tmp_path_factory.mktemp("realistic_shards")
     data_file = realistic_dir / synthetic.DATA_FILE_NAME

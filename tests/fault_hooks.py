@@ -52,7 +52,7 @@ class RoundRecorder(Filter):
             record["n_params"] = len(dxo.data or {})
             record["meta"] = {k: v for k, v in (dxo.meta or {}).items() if isinstance(v, (int, float, str))}
             if dxo.data:
-                from qwen3vl_sft.exchange import materialized
+                from qwen3vl_sft.fl.exchange import materialized
 
                 data = materialized(dxo.data)  # an update the server decodes tensor by tensor
                 save_file({k: v.contiguous() for k, v in data.items()}, stem + ".safetensors")
@@ -84,10 +84,10 @@ def standalone_persistor(model_dir: str, app_dir: str, min_sites: int = 1):
     from nvflare.apis.fl_constant import FLContextKey
     from nvflare.apis.fl_context import FLContext
 
-    from qwen3vl_sft.fl_server import GlobalModelPersistor
+    from qwen3vl_sft.fl.server import GlobalModelPersistor
 
     config = {"model_name_or_path": model_dir}
-    model = {"path": "qwen3vl_sft.fl_server.GlobalModel", "args": {"model_config": config}}
+    model = {"path": "qwen3vl_sft.fl.server.GlobalModel", "args": {"model_config": config}}
     persistor = GlobalModelPersistor(model_config=config, min_sites=min_sites, model=model)
     fl_ctx = FLContext()
     fl_ctx.set_prop(FLContextKey.APP_ROOT, app_dir, private=True, sticky=True)
@@ -134,7 +134,7 @@ def kill_during(where: str) -> None:
     else:
         from safetensors.torch import save as to_bytes
 
-        from qwen3vl_sft import checkpoints
+        from qwen3vl_sft.model import checkpoints
 
         checkpoints.save_file = lambda tensors, path, metadata=None: die_halfway(
             to_bytes(tensors, metadata), path

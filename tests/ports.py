@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 
-from qwen3vl_sft.fl_job import ephemeral_ports
+from qwen3vl_sft.fl.job import ephemeral_ports
 
 LOWEST = 30000  # job.py's own runs here use 29500+
 

@@ -59,9 +59,9 @@ from PIL import Image
 
 import job
 from qwen3vl_sft.config import DataConfig, ModelConfig
-from qwen3vl_sft.data import SampleBuilder, SkipSample, build_dataset
-from qwen3vl_sft.modeling import ModelError
-from qwen3vl_sft.records import DataError
+from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.data.samples import SampleBuilder, SkipSample, build_dataset
+from qwen3vl_sft.model.modeling import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_training_file_with_invalid_records_counts_them(processor, synth_dir, tm
     ]  # fmt: skip
     path = tmp_path / "train.json"
     path.write_text(json.dumps([good[0], *bad, good[1]]))
-    with caplog.at_level(logging.WARNING, logger="qwen3vl_sft.data"):
+    with caplog.at_level(logging.WARNING, logger="qwen3vl_sft.data.samples"):
         dataset = build_dataset(processor, DataConfig(image_root=str(synth_dir)), str(path))
     assert len(dataset) == 2
     expected = "{'no_conversations': 1, 'no_gpt_turn': 1, 'empty_image_list': 1}"
@@ -222,8 +222,8 @@ def test_job_exit_status_is_1_with_one_line_on_stderr(site_dirs, tmp_path):
 
 
 def site_runner(model_dir, data_path):
-    from qwen3vl_sft.fl_client import SiteRunner
-    from qwen3vl_sft.train import SFTConfig
+    from qwen3vl_sft.fl.client import SiteRunner
+    from qwen3vl_sft.train.engine import SFTConfig
 
     config = SFTConfig(
         model=ModelConfig(model_name_or_path=str(model_dir)), data=DataConfig(data_path=str(data_path))

@@ -1,11 +1,11 @@
-"""qwen3vl_sft.checkpoints: the base a global model records, so that evaluating it needs no hub."""
+"""qwen3vl_sft.model.checkpoints: the base a global model records, so that evaluating it needs no hub."""
 
 from __future__ import annotations
 
 import pytest
 
-from qwen3vl_sft.checkpoints import fl_record, recorded_base, usable_base
 from qwen3vl_sft.config import ModelConfig
+from qwen3vl_sft.model.checkpoints import fl_record, recorded_base, usable_base
 
 HUB_ID = "Qwen/Qwen3-VL-2B-Instruct"
 

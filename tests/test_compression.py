@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3vl_sft import compression as c
+from qwen3vl_sft.fl import compression as c
 
 
 def test_int8_codes_and_block_scales_are_exact_on_a_literal_tensor():

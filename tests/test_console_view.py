@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from qwen3vl_sft.console_view import EVENTS_FILE, ConsoleRunner, JobView, clock
+from qwen3vl_sft.fl.console_view import EVENTS_FILE, ConsoleRunner, JobView, clock
 
 
 class FakeClock:
@@ -152,7 +152,7 @@ class FakeWriter:
 def test_a_sites_progress_goes_out_as_console_tags_of_its_round():
     from transformers import TrainerControl, TrainerState
 
-    from qwen3vl_sft.fl_console import site_progress
+    from qwen3vl_sft.fl.console import site_progress
 
     writer = FakeWriter()
     progress = site_progress(writer)
@@ -169,8 +169,8 @@ def test_a_sites_progress_goes_out_as_console_tags_of_its_round():
 
 
 def test_nvflare_logs_to_its_files_only_unless_verbose():
-    from qwen3vl_sft import fl_job
     from qwen3vl_sft.config import JobConfig
+    from qwen3vl_sft.fl import job as fl_job
 
     config = json.loads(Path(fl_job.files_only_log_config()).read_text())
     assert "consoleHandler" not in config["loggers"]["root"]["handlers"]

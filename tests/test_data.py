@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from qwen3vl_sft.config import DataConfig
-from qwen3vl_sft.data import (
+from qwen3vl_sft.data.samples import (
     IGNORE_INDEX,
     Collator,
     SampleBuilder,

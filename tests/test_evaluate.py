@@ -14,18 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen3vl_sft import evaluate
 from qwen3vl_sft.config import DataConfig, ModelConfig
-from qwen3vl_sft.data import SampleBuilder, build_dataset
-from qwen3vl_sft.evaluate import (
+from qwen3vl_sft.data.samples import SampleBuilder, build_dataset
+from qwen3vl_sft.eval import evaluate
+from qwen3vl_sft.eval.evaluate import (
     evaluate_answers,
     evaluate_file,
     evaluate_model_dir,
     first_answer,
     generate_answers,
 )
-from qwen3vl_sft.metrics import score_answers
-from qwen3vl_sft.modeling import load_model, load_processor
+from qwen3vl_sft.eval.metrics import score_answers
+from qwen3vl_sft.model.modeling import load_model, load_processor
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +185,8 @@ def test_evaluate_model_dir_loads_the_servers_lora_adapter_dir_like_run_inferenc
     """The LoRA global model (an adapter directory, no config.json) loads for the demo's report."""
     from peft import PeftModel
 
-    from qwen3vl_sft.checkpoints import write_hf_directory
-    from qwen3vl_sft.weights import exchanged_state
+    from qwen3vl_sft.model.checkpoints import write_hf_directory
+    from qwen3vl_sft.model.weights import exchanged_state
 
     lora_cfg = ModelConfig(model_name_or_path=str(tiny_model_dir), lora=True, lora_r=4, lora_alpha=8)
     peft_model = load_model(lora_cfg)

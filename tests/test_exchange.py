@@ -12,9 +12,9 @@ from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedA
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from qwen3vl_sft.compression import Header, decode, encode, fidelity
-from qwen3vl_sft.exchange import GlobalEncoder, SiteExchange, UpdateDecoder
-from qwen3vl_sft.weights import WeightsError
+from qwen3vl_sft.fl.compression import Header, decode, encode, fidelity
+from qwen3vl_sft.fl.exchange import GlobalEncoder, SiteExchange, UpdateDecoder
+from qwen3vl_sft.model.weights import WeightsError
 
 SHAPE = (128, 256)
 

@@ -52,8 +52,8 @@ from fault_hooks import DataOutage, RoundRecorder, round_weights, save_round, st
 from ports import free_port_base
 from safetensors.torch import load_file
 
-from qwen3vl_sft import fl_job
 from qwen3vl_sft.config import DataConfig, ExchangeConfig, JobConfig, ModelConfig, TrainConfig
+from qwen3vl_sft.fl import job as fl_job
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -326,7 +326,7 @@ def test_disk_full_while_saving_keeps_the_last_complete_files(where, tiny_model_
 
     from safetensors.torch import save as to_bytes
 
-    from qwen3vl_sft import checkpoints
+    from qwen3vl_sft.model import checkpoints
 
     persistor, fl_ctx, initial = standalone_persistor(str(tiny_model_dir), str(tmp_path))
     save_round(persistor, fl_ctx, initial, 0)
@@ -392,9 +392,9 @@ def test_too_few_sites_stop_the_job_without_saving(tiny_model_dir, tmp_path):
 
 
 def test_a_site_refuses_an_empty_global_model(tiny_model_dir):
-    from qwen3vl_sft.fl_client import SiteRunner
-    from qwen3vl_sft.train import SFTConfig
-    from qwen3vl_sft.weights import WeightsError
+    from qwen3vl_sft.fl.client import SiteRunner
+    from qwen3vl_sft.model.weights import WeightsError
+    from qwen3vl_sft.train.engine import SFTConfig
 
     runner = SiteRunner(SFTConfig(model=ModelConfig(model_name_or_path=str(tiny_model_dir))), "site-1", 0)
     with pytest.raises(WeightsError, match="site-1 received an empty global model in round 2.*--resume"):

@@ -14,9 +14,9 @@ import pytest
 from ports import free_port_base
 
 from experiments import federated_benefit as fb
-from qwen3vl_sft import synthetic
 from qwen3vl_sft.config import TrainConfig
-from qwen3vl_sft.synthetic import QUADRANTS
+from qwen3vl_sft.data import synthetic
+from qwen3vl_sft.data.synthetic import QUADRANTS
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,14 @@
-"""client.py's round logic (qwen3vl_sft.fl_client.SiteRunner) on the tiny model, outside NVFlare."""
+"""client.py's round logic (qwen3vl_sft.fl.client.SiteRunner) on the tiny model, outside NVFlare."""
 
 from __future__ import annotations
 
 import torch
 
 from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
-from qwen3vl_sft.fl_client import SiteRunner
-from qwen3vl_sft.modeling import load_model
-from qwen3vl_sft.train import SFTConfig
-from qwen3vl_sft.weights import exchanged_state
+from qwen3vl_sft.fl.client import SiteRunner
+from qwen3vl_sft.model.modeling import load_model
+from qwen3vl_sft.model.weights import exchanged_state
+from qwen3vl_sft.train.engine import SFTConfig
 
 
 def test_validation_scores_the_received_global_model_not_the_sites_last_local_one(
@@ -47,14 +47,14 @@ def test_validation_scores_the_received_global_model_not_the_sites_last_local_on
 
 def test_a_site_refuses_to_start_on_a_data_path_or_image_root_it_lacks(shards, tmp_path):
     """Paths are checked before the Client API handshake, so the job ends naming the missing one
-    (qwen3vl_sft.fl_watch) instead of failing every round."""
+    (qwen3vl_sft.fl.watch) instead of failing every round."""
     import json
     import shutil
 
     import pytest
 
-    from qwen3vl_sft.fl_client import check_site_paths
-    from qwen3vl_sft.records import DataError
+    from qwen3vl_sft.data.records import DataError
+    from qwen3vl_sft.fl.client import check_site_paths
 
     with pytest.raises(
         FileNotFoundError, match=r"--data_path /nowhere/train.json does not exist on this site"

@@ -13,7 +13,7 @@ from ports import free_port_base
 
 import job as job_script
 from qwen3vl_sft.config import PrepareDataConfig
-from qwen3vl_sft.prepare import run as prepare_shards
+from qwen3vl_sft.data.prepare import run as prepare_shards
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def test_exported_job_folder_runs_by_itself_from_another_folder(
     assert str(project / "data" / "site-1" / "train.json") in client_config  # absolute: sites run elsewhere
     server_config = (job_dir / "app_server" / "config" / "config_fed_server.json").read_text()
     assert (
-        "qwen3vl_sft.exchange.GlobalEncoder" in server_config
-        and "qwen3vl_sft.exchange.UpdateDecoder" in server_config
+        "qwen3vl_sft.fl.exchange.GlobalEncoder" in server_config
+        and "qwen3vl_sft.fl.exchange.UpdateDecoder" in server_config
     )
     # That the folder runs by itself, from another folder, is test_production's `nvflare job submit` test.

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen3vl_sft import fl_job
 from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from qwen3vl_sft.modeling import load_model
-from qwen3vl_sft.weights import exchanged_names
+from qwen3vl_sft.fl import job as fl_job
+from qwen3vl_sft.model.modeling import load_model
+from qwen3vl_sft.model.weights import exchanged_names
 
 pytestmark = pytest.mark.slow
 TESTS_DIR = Path(__file__).resolve().parent
@@ -89,7 +89,7 @@ def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_m
     assert sorted(saved) == sorted(expected_keys) == sorted(next(iter(sent.values())))
     # The fp32 master: the initial global plus, each round, the sample-weighted mean of the updates the
     # server decoded (the recorder sits after the decoder).
-    from qwen3vl_sft.checkpoints import initial_exchanged
+    from qwen3vl_sft.model.checkpoints import initial_exchanged
 
     expected = {n: t.float() for n, t in initial_exchanged(model).items()}
     for r in (0, 1):

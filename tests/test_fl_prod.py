@@ -1,13 +1,13 @@
-"""qwen3vl_sft.fl_prod: following a job on a deployment, on a scripted admin session. Fast
+"""qwen3vl_sft.fl.prod: following a job on a deployment, on a scripted admin session. Fast
 (test_production runs the real deployment)."""
 
 from __future__ import annotations
 
 import pytest
 
-from qwen3vl_sft import fl_prod
-from qwen3vl_sft.console_view import STATS_GROUP
-from qwen3vl_sft.records import DataError
+from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.fl import prod as fl_prod
+from qwen3vl_sft.fl.console_view import STATS_GROUP
 
 
 class ScriptedSession:

@@ -1,4 +1,4 @@
-"""qwen3vl_sft.fl_server.RoundMemoryRelease on NVFlare's own context, shareables and learnables, fired the
+"""qwen3vl_sft.fl.server.RoundMemoryRelease on NVFlare's own context, shareables and learnables, fired the
 events FedAvg fires in a round: the result and the replaced global are emptied once spent, nothing else."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
-from qwen3vl_sft.fl_server import RoundMemoryRelease
+from qwen3vl_sft.fl.server import RoundMemoryRelease
 
 
 def shareable(tensors: dict):

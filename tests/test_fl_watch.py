@@ -1,10 +1,10 @@
-"""qwen3vl_sft.fl_watch: the reason a site or the job stopped, read and reported in one line."""
+"""qwen3vl_sft.fl.watch: the reason a site or the job stopped, read and reported in one line."""
 
 from __future__ import annotations
 
 import json
 
-from qwen3vl_sft.fl_watch import (
+from qwen3vl_sft.fl.watch import (
     FAILURE_FILE,
     describe_site_failure,
     failure_line,

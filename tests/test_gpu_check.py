@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwen3vl_sft.config import ModelConfig
-from qwen3vl_sft.modeling import checkpoint_config, load_model
+from qwen3vl_sft.model.modeling import checkpoint_config, load_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
@@ -61,7 +61,7 @@ def test_peak_is_matched_on_the_longest_name(bench, name, tflops):
 
 
 def test_qwen_ids_tokenizer_matches_the_exact_2b_config():
-    from qwen3vl_sft import tiny
+    from qwen3vl_sft.model import tiny
 
     config = tiny.qwen3vl_2b_config()
     tiny.check_token_ids(tiny.build_tokenizer("qwen-ids"), config)  # raises on a mismatch

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import job as job_script
-from qwen3vl_sft import fl_job
 from qwen3vl_sft.config import JobConfig
-from qwen3vl_sft.records import DataError
+from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.fl import job as fl_job
 
 
 def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
@@ -218,7 +218,7 @@ def test_prod_sites_get_their_own_paths_and_torchrun(tmp_path, tiny_model_dir, c
     assert args[args.index("--eval_data_path") + 1] == "$HOSPITAL_DATA/site-2/val.json"
     assert args[args.index("--model_name_or_path") + 1] == "$HOSPITAL_MODEL"
     assert per_site["site-1"]["command"] == "torchrun --nproc_per_node=1 --master_port=29500"
-    assert fl_job.absolute_model_path(model, job) == model  # the server expands it (fl_server.base_config)
+    assert fl_job.absolute_model_path(model, job) == model  # the server expands it (fl.server.base_config)
     with pytest.raises(DataError, match="--data_dir data is relative and not on this machine"):
         fl_job.site_data(DataConfig(), prod_job(tmp_path / "b", "data"), "site-1")
     absent = fl_job.site_data(DataConfig(), prod_job(tmp_path / "c", "/srv/pubmedvision"), "site-1")

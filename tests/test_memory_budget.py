@@ -9,8 +9,8 @@ import pytest
 from safetensors import safe_open
 
 from qwen3vl_sft.config import ModelConfig
-from qwen3vl_sft.modeling import count_parameters, load_model
-from qwen3vl_sft.weights import exchanged_state
+from qwen3vl_sft.model.modeling import count_parameters, load_model
+from qwen3vl_sft.model.weights import exchanged_state
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory_budget.py"
 

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from qwen3vl_sft import evaluate
-from qwen3vl_sft.metrics import exact_match, is_short, normalize, rouge_l, score_answers, token_f1
+from qwen3vl_sft.eval import evaluate
+from qwen3vl_sft.eval.metrics import exact_match, is_short, normalize, rouge_l, score_answers, token_f1
 
 
 def test_normalize_and_exact_match_ignore_case_punctuation_and_spacing():

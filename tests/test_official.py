@@ -23,10 +23,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen3vl_sft import official_launch, synthetic, tiny
 from qwen3vl_sft.config import BackendConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
-from qwen3vl_sft.fl_client import SiteRunner, validate_weights
-from qwen3vl_sft.official import (
+from qwen3vl_sft.data import synthetic
+from qwen3vl_sft.data.records import ensure_image_placeholders
+from qwen3vl_sft.fl.client import SiteRunner, validate_weights
+from qwen3vl_sft.model import tiny
+from qwen3vl_sft.model.weights import exchanged_names, meta_model
+from qwen3vl_sft.train import official_launch
+from qwen3vl_sft.train.engine import SFTConfig
+from qwen3vl_sft.train.official import (
     Environment,
     OfficialBackend,
     OfficialBackendError,
@@ -36,9 +41,6 @@ from qwen3vl_sft.official import (
     upstream_arguments,
     upstream_model_type,
 )
-from qwen3vl_sft.records import ensure_image_placeholders
-from qwen3vl_sft.train import SFTConfig
-from qwen3vl_sft.weights import exchanged_names, meta_model
 
 FAKE_ROOT = Path(__file__).parent / "fake_qwen3vl"
 
@@ -124,7 +126,7 @@ def flag(record: dict, name: str) -> str:
 def test_in_process_rounds_train_from_received_weights_and_clean_between_rounds(
     config, tiny_model, site_data, tmp_path, process_group, caplog
 ):
-    caplog.set_level("INFO", logger="qwen3vl_sft.official")
+    caplog.set_level("INFO", logger="qwen3vl_sft.train.official")
     backend = OfficialBackend(config, root=str(FAKE_ROOT), work_dir=tmp_path / "ws", dataset_name="site-1")
     assert backend.mode == "in_process"
     assert "in-process mode (the clone's imports all resolve in this interpreter)" in caplog.text
@@ -191,7 +193,7 @@ def test_subprocess_round_in_another_python_gets_a_path_of_its_own(
     """Bug fixed here: the child inherited PYTHONPATH, into which NVFlare copies the parent's whole
     sys.path, so the clone's python imported our site-packages (transformers 5) instead of its own."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))  # what NVFlare gives the processes it starts
-    caplog.set_level("INFO", logger="qwen3vl_sft.official")
+    caplog.set_level("INFO", logger="qwen3vl_sft.train.official")
     backend = OfficialBackend(
         config, root=str(FAKE_ROOT), python=str(clone_env_python), work_dir=tmp_path / "ws"
     )
@@ -271,7 +273,7 @@ def test_every_site_works_in_a_folder_of_its_own(config, tmp_path, monkeypatch):
     """Bug fixed here: one --work_dir for the job made co-located sites share launch.json and model,
     so every site trained on the data of whichever wrote last."""
     monkeypatch.chdir(tmp_path)
-    from qwen3vl_sft import fl_job
+    from qwen3vl_sft.fl import job as fl_job
 
     shared = BackendConfig(backend="official", qwen3vl_root=str(FAKE_ROOT), work_dir="work")
     site_backends = fl_job.site_backends(JobConfig(n_clients=2), shared, taken=[29500, 29501])
@@ -404,7 +406,7 @@ def test_shards_without_image_root_find_their_images_where_the_engine_does(
 def test_job_gives_each_sites_child_torchrun_a_port_of_its_own():
     """Bug fixed here: an explicit --official_master_port was given to every site, so co-located
     sites' child torchruns collided."""
-    from qwen3vl_sft import fl_job
+    from qwen3vl_sft.fl import job as fl_job
 
     job = JobConfig(n_clients=3, master_port_base=29500)
     for chosen, expected in ((0, [29600, 29601, 29602]), (40000, [40000, 40001, 40002])):

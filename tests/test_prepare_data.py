@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 import prepare_data
-from qwen3vl_sft import records, sharding
-from qwen3vl_sft.records import ensure_image_placeholders
+from qwen3vl_sft.data import records, sharding
+from qwen3vl_sft.data.records import ensure_image_placeholders
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ["CT", "MRI", "X-Ray", "Ultrasound", "Microscopy"]

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import prepare_data
-from qwen3vl_sft import sharding, synthetic
 from qwen3vl_sft.config import DataConfig, PrepareDataConfig
-from qwen3vl_sft.data import resolve_image_root
-from qwen3vl_sft.records import ImageIndex
+from qwen3vl_sft.data import sharding, synthetic
+from qwen3vl_sft.data.records import ImageIndex
+from qwen3vl_sft.data.samples import resolve_image_root
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = [
@@ -414,7 +414,7 @@ def test_a_real_sigint_in_a_subprocess_prints_no_traceback(tmp_path):
     script = (
         "import os, signal, sys, time\n"
         "import prepare_data\n"
-        "from qwen3vl_sft import sharding\n"
+        "from qwen3vl_sft.data import sharding\n"
         "def reading(*a):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(30)\n"

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwen3vl_sft import tiny
-from qwen3vl_sft.checkpoints import initial_exchanged, write_hf_directory
 from qwen3vl_sft.config import DataConfig, ExchangeConfig, ModelConfig, TrainConfig
-from qwen3vl_sft.fl_client import SiteRunner
-from qwen3vl_sft.train import SFTConfig
-from qwen3vl_sft.weights import exchanged_tensors, message_bytes, meta_model
+from qwen3vl_sft.fl.client import SiteRunner
+from qwen3vl_sft.model import tiny
+from qwen3vl_sft.model.checkpoints import initial_exchanged, write_hf_directory
+from qwen3vl_sft.model.weights import exchanged_tensors, message_bytes, meta_model
+from qwen3vl_sft.train.engine import SFTConfig
 
 HIDDEN, VOCAB, MLP, Q_OUT, KV_OUT, HEAD_DIM = 2048, 151936, 6144, 16 * 128, 8 * 128, 128
 VISION_HIDDEN, MERGED = 1024, 1024 * 4  # 2x2 patches merged into one token before the mergers

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen3vl_sft import records
-from qwen3vl_sft.records import (
+from qwen3vl_sft.data import records
+from qwen3vl_sft.data.records import (
     DataError,
     ImageIndex,
     MisalignedSplit,

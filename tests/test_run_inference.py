@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 
 import run_inference
-from qwen3vl_sft import inference
 from qwen3vl_sft.config import InferenceConfig, ModelConfig
-from qwen3vl_sft.inference import Checkpoint, CheckpointError
-from qwen3vl_sft.modeling import load_model
-from qwen3vl_sft.weights import exchanged_state
+from qwen3vl_sft.eval import inference
+from qwen3vl_sft.eval.inference import Checkpoint, CheckpointError
+from qwen3vl_sft.model.modeling import load_model
+from qwen3vl_sft.model.weights import exchanged_state
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 REPO = Path(__file__).resolve().parents[1]
@@ -395,7 +395,7 @@ def test_sigint_during_a_real_run_prints_no_traceback(tmp_path, tiny_model_dir, 
 def test_base_row_is_what_the_checkpoint_records_never_a_default_hub_id(
     ckpts, tmp_path, capsys, tiny_model_dir, tiny_finetuned_dir, synth_dir, synth_split
 ):
-    from qwen3vl_sft.checkpoints import write_hf_directory
+    from qwen3vl_sft.model.checkpoints import write_hf_directory
 
     cfg = config(tiny_model_dir, synth_dir, synth_split, base_model="")
     # an HF directory without a record (a trainer's save_pretrained): evaluated alone, said in one line
@@ -441,7 +441,7 @@ def test_server_hf_directories_record_their_base_and_still_load(ckpts, tmp_path,
     from peft import PeftModel
     from transformers import Qwen3VLForConditionalGeneration
 
-    from qwen3vl_sft.checkpoints import FL_RECORD, write_hf_directory
+    from qwen3vl_sft.model.checkpoints import FL_RECORD, write_hf_directory
 
     full_cfg = ModelConfig(model_name_or_path=str(tiny_model_dir))
     full = write_hf_directory(ckpts["full"], full_cfg, tmp_path / "full_hf")

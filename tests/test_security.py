@@ -26,12 +26,12 @@ import pytest
 import torch
 
 import job
-from qwen3vl_sft import fl_job
 from qwen3vl_sft.config import InferenceConfig, ModelConfig
-from qwen3vl_sft.records import DataError
+from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.fl import job as fl_job
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(REPO / "qwen3vl_sft").glob("*.py"), *REPO.glob("*.py")])
+SOURCES = sorted([*(REPO / "qwen3vl_sft").rglob("*.py"), *REPO.glob("*.py")])
 SECRETS = {
     "WANDB_API_KEY": "wandb-secret-value-5f4dcc3b5aa765d6",
     "HF_TOKEN": "hf_secretTokenValue0123456789",
@@ -55,7 +55,7 @@ def is_true(node) -> bool:
 
 def test_sources_are_found():
     names = {p.name for p in SOURCES}
-    assert {"fl_server.py", "inference.py", "checkpoints.py", "job.py", "run_inference.py"} <= names
+    assert {"server.py", "inference.py", "checkpoints.py", "job.py", "run_inference.py"} <= names
 
 
 def loads_unsafely(func: str, call: ast.Call) -> bool:
@@ -106,7 +106,7 @@ def test_a_checkpoint_that_runs_code_is_refused_everywhere(tiny_model_dir, tmp_p
     marker = tmp_path / "code_ran"
     path = tmp_path / "FL_global_model.pt"
     torch.save({"model": {"w": torch.ones(1)}, "meta": {"round": 0}, "x": RunsCode(marker)}, path)
-    from qwen3vl_sft.inference import Checkpoint, CheckpointError, detect, read_weights_file
+    from qwen3vl_sft.eval.inference import Checkpoint, CheckpointError, detect, read_weights_file
 
     with pytest.raises(CheckpointError, match="weights_only"):
         read_weights_file(path)  # the one reader of .pt files (checkpoints.py, inference.py)

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen3vl_sft import synthetic
-from qwen3vl_sft.checkpoints import write_hf_directory
 from qwen3vl_sft.config import ModelConfig
-from qwen3vl_sft.modeling import load_model
-from qwen3vl_sft.weights import exchanged_state
+from qwen3vl_sft.data import synthetic
+from qwen3vl_sft.model.checkpoints import write_hf_directory
+from qwen3vl_sft.model.modeling import load_model
+from qwen3vl_sft.model.weights import exchanged_state
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "Qwen/Qwen3-VL-2B-Instruct"
@@ -101,7 +101,7 @@ def test_option_a_nvflare_global_model_pt(seed_dir, trained_state, tiny_model_di
     shutil.copytree(tiny_model_dir, seed_dir / HUB_ID)
     pt = seed_dir / LOCAL_PT
     pt.parent.mkdir(parents=True)
-    meta = {"base_model": HUB_ID, "lora": None, "round": 2}  # as fl_server writes it
+    meta = {"base_model": HUB_ID, "lora": None, "round": 2}  # as fl.server writes it
     torch.save({"model": trained_state, "meta": meta}, pt)
     out, rows = run_seed(SEED_OPTION_A, seed_dir)
     assert rows == [f"base: {HUB_ID} (hf)", f"fine-tuned: {LOCAL_PT} (pt-full, base {HUB_ID})"]

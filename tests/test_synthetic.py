@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from qwen3vl_sft import synthetic
+from qwen3vl_sft.data import synthetic
 
 
 def load(path):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
 
-from qwen3vl_sft import tiny
+from qwen3vl_sft.model import tiny
 
 QWEN_IDS = {
     "<|endoftext|>": 151643,

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from qwen3vl_sft import train as train_mod
 from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
-from qwen3vl_sft.modeling import load_model
-from qwen3vl_sft.train import SFTConfig, SFTEngine
-from qwen3vl_sft.weights import WeightsError, exchanged_names, load_exchanged
+from qwen3vl_sft.model.modeling import load_model
+from qwen3vl_sft.model.weights import WeightsError, exchanged_names, load_exchanged
+from qwen3vl_sft.train import engine as train_mod
+from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
 
 MERGERS = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
 
@@ -147,7 +147,7 @@ def test_too_many_bad_images_abort_the_round(tiny_model_dir, tmp_path, write_rec
 
 @pytest.mark.slow
 def test_cli_trains_the_tiny_model_from_chance_to_90_percent(tiny_model_dir, tmp_path, capsys):
-    from qwen3vl_sft import synthetic
+    from qwen3vl_sft.data import synthetic
 
     data = synthetic.generate(tmp_path / "train", synthetic.SyntheticSpec(num_records=800, seed=11))
     test = synthetic.generate(
@@ -170,7 +170,7 @@ def test_the_bad_image_limit_is_judged_beyond_sampling_noise():
     """A round draws samples at random: 2 defective in the first 20 (10 %) is what a shard with 3 %
     broken images shows by chance, and must not abort at a 5 % limit; a gone image root (all bad) and
     a quarter bad must. Wilson lower bounds at z = 3, computed by hand."""
-    from qwen3vl_sft.train import bad_share_lower_bound
+    from qwen3vl_sft.train.engine import bad_share_lower_bound
 
     assert bad_share_lower_bound(0, 20) == 0.0 and bad_share_lower_bound(0, 0) == 0.0
     assert round(bad_share_lower_bound(2, 20), 4) == 0.0160  # (0.1 + 0.225 - 0.3019) / 1.45

@@ -1,6 +1,6 @@
 """PubMedVision records -> Qwen3-VL training tensors (messages, labels, pixels) and batches.
 
-    python -m qwen3vl_sft.data --model tiny_models/qwen3-vl-tiny --data data/site-1/train.json --show 2
+    python -m qwen3vl_sft.data.samples --model tiny_models/qwen3-vl-tiny --data data/site-1/train.json --show 2
 
 The path is one-way: record -> chat messages (images in the order of their ``<image>`` placeholders)
 -> ``input_ids`` / ``labels`` (-100 everywhere but the assistant answers and their ``<|im_end|>``)
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..config import DataConfig
 from . import records as rec
-from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -471,7 +471,7 @@ def build_dataset(processor, config: DataConfig, data_path: str | None = None) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .modeling import load_processor
+    from ..model.modeling import load_processor
 
     parser = argparse.ArgumentParser(description="Show how records become training samples.")
     parser.add_argument("--model", required=True, help="Model directory or id (for its processor).")

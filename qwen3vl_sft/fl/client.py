@@ -4,7 +4,7 @@ Launched by NVFlare (through client.py) on each site as ``torchrun --nproc_per_n
 client.py <flags>``; rank 0 talks to NVFlare and broadcasts to the other ranks.  Per round:
 
 1. receive the global model (rank 0): a packet, rebuilt into the fp32 global by
-   :class:`~qwen3vl_sft.exchange.SiteExchange` (the first round's weights, then changes to the global
+   :class:`~qwen3vl_sft.fl.exchange.SiteExchange` (the first round's weights, then changes to the global
    the site holds), and broadcast it;
 2. load it into the local model, strictly by name (frozen tensors stay local);
 3. validate it on the site's ``val.json`` (rank 0) -> ``val_loss``, ``val_accuracy`` (short answers),
@@ -32,10 +32,10 @@ import time
 
 import torch
 
-from .config import BackendConfig, DataConfig, ExchangeConfig, site_local_paths
+from ..config import BackendConfig, DataConfig, ExchangeConfig, site_local_paths
+from ..model.weights import WeightsError
+from ..train.engine import RoundResult, SFTConfig, SFTEngine
 from .exchange import SiteExchange
-from .train import RoundResult, SFTConfig, SFTEngine
-from .weights import WeightsError
 
 logger = logging.getLogger("qwen3vl_sft.client")
 
@@ -86,7 +86,7 @@ def validate(model, processor, data: DataConfig) -> dict[str, float]:
     """Loss and accuracy of the received global model on the site's validation file (if any)."""
     if not data.eval_data_path:
         return {}
-    from .evaluate import evaluate_file
+    from ..eval.evaluate import evaluate_file
 
     start = time.monotonic()
     scores = evaluate_file(model, processor, data, data.eval_data_path)
@@ -102,8 +102,8 @@ def validate_weights(config: SFTConfig, weights: dict[str, torch.Tensor]) -> dic
     elsewhere (the official one); the model is freed before returning, so training gets the memory."""
     if not config.data.eval_data_path:
         return {}
-    from .modeling import load_model, load_processor
-    from .weights import load_exchanged
+    from ..model.modeling import load_model, load_processor
+    from ..model.weights import load_exchanged
 
     model = load_model(config.model)
     try:
@@ -130,7 +130,7 @@ def check_site_paths(data: DataConfig) -> DataConfig:
     """
     from pathlib import Path
 
-    from .data import resolve_image_root
+    from ..data.samples import resolve_image_root
 
     if not os.path.exists(data.data_path):
         raise FileNotFoundError(f"--data_path {data.data_path} does not exist on this site; copy the site's data "
@@ -167,7 +167,7 @@ class SiteRunner:
         self.exchange = SiteExchange(ex.compression, ex.error_feedback, ex.exchange)
         self.engine: SFTEngine | None = None
         self.official = None
-        self.progress = None  # fl_console's progress reporter (rank 0)
+        self.progress = None  # fl.console's progress reporter (rank 0)
 
     def round(self, received: dict[str, torch.Tensor], current_round: int, total_rounds: int) -> RoundResult:
         if not received:
@@ -190,7 +190,7 @@ class SiteRunner:
 
     def _official_round(self, received, current_round: int, total_rounds: int) -> RoundResult:
         """The clone's train() does the round; the received global is scored first by our evaluator."""
-        from .official import from_config
+        from ..train.official import from_config
 
         if self.official is None:
             self.official = from_config(self.config, self.backend, site=self.site)
@@ -207,11 +207,11 @@ def run_site(
     import nvflare.client as flare
     from nvflare.client.tracking import SummaryWriter
 
-    from .fl_console import site_progress
+    from .console import site_progress
 
     # $VAR and ~ in the job's paths are this site's (--env prod: the job was built on the admin's machine).
     backend = site_local_paths(backend) if backend else None
-    # Before the handshake: a site that cannot start ends the job with this reason (fl_watch).
+    # Before the handshake: a site that cannot start ends the job with this reason (fl.watch).
     data = check_site_paths(site_local_paths(config.data))
     config = dataclasses.replace(config, model=site_local_paths(config.model), data=data)
     rank, world_size = rank_and_world()

@@ -92,7 +92,7 @@ class ConsoleResultFilter(Filter):
     def process(self, shareable: Shareable, fl_ctx) -> Shareable:
         try:
             meta = from_shareable(shareable).meta or {}
-        except ValueError:  # not a DXO: a dead trainer's error reply; fl_watch reports that failure
+        except ValueError:  # not a DXO: a dead trainer's error reply; fl.watch reports that failure
             meta = {"error": "no result (the site's training process stopped)"}
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer else meta.get("site", "?")

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import read_fl_record, usable_base
-from .config import DataConfig, InferenceConfig, ModelConfig, check_data_flags, refuse
-from .data import RecordDataset, SampleBuilder, build_dataset, resolve_image_root
-from .evaluate import evaluate_answers, first_answer, first_question
-from .fileio import check_writable
-from .modeling import (
+from ..config import DataConfig, InferenceConfig, ModelConfig, check_data_flags, refuse
+from ..data.records import PLACEHOLDER, DataError
+from ..data.samples import RecordDataset, SampleBuilder, build_dataset, resolve_image_root
+from ..fileio import check_writable
+from ..model.checkpoints import read_fl_record, usable_base
+from ..model.modeling import (
     ModelError,
     from_pretrained,
     load_processor,
@@ -50,8 +50,8 @@ from .modeling import (
     resolve_dtype,
     set_trainable,
 )
-from .records import PLACEHOLDER, DataError
-from .weights import WeightsError, is_lora_state, load_exchanged, load_state_subset, lora_layout
+from ..model.weights import WeightsError, is_lora_state, load_exchanged, load_state_subset, lora_layout
+from .evaluate import evaluate_answers, first_answer, first_question
 
 logger = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -1,6 +1,6 @@
 """Server side of the federated job: the lean global model and its persistor.
 
-    python -m qwen3vl_sft.fl_server --model_name_or_path tiny_models/qwen3-vl-tiny
+    python -m qwen3vl_sft.fl.server --model_name_or_path tiny_models/qwen3-vl-tiny
 
 prints the global model the server would hold (tensor count, MiB) for a configuration.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from nvflare.apis.fl_component import FLComponent
 
-from .checkpoints import fl_record, initial_exchanged, write_hf_directory
-from .config import ModelConfig, site_local_paths
-from .fileio import atomic_dir, atomic_path, atomic_write_json
+from ..config import ModelConfig, site_local_paths
+from ..fileio import atomic_dir, atomic_path, atomic_write_json
+from ..model.checkpoints import fl_record, initial_exchanged, write_hf_directory
 
 logger = logging.getLogger(__name__)
 LATEST_HF_DIR = "global_model_hf"
@@ -284,7 +284,7 @@ class GlobalModelPersistor(_persistor_base()):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import parse
+    from ..config import parse
 
     (model_config,) = parse(
         (ModelConfig,), argv, description="The server's global model for a configuration."

@@ -1,6 +1,6 @@
 """Global-model files: initial exchanged tensors from the base checkpoint, and HF directories.
 
-    python -m qwen3vl_sft.checkpoints --global_model FL_global_model.pt \\
+    python -m qwen3vl_sft.model.checkpoints --global_model FL_global_model.pt \\
         --model_name_or_path tiny_models/qwen3-vl-tiny --output global_hf
 
 turns an NVFlare ``FL_global_model.pt`` into an HF directory that ``from_pretrained`` loads.
@@ -31,8 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .fileio import atomic_dir
+from ..config import ModelConfig
+from ..fileio import atomic_dir
 from .weights import EXCHANGE_DTYPE, checkpoint_name, exchanged_tensors, is_peft, meta_model
 
 FL_RECORD = "fl_checkpoint.json"
@@ -199,13 +199,13 @@ def write_hf_directory(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import parse
+    from ..config import parse
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--global_model", required=True)
     parser.add_argument("--output", required=True)
     args, rest = parser.parse_known_args(argv)
-    from .inference import read_weights_file  # the one safe reader of weights files (weights_only)
+    from ..eval.inference import read_weights_file  # the one safe reader of weights files (weights_only)
 
     (model_config,) = parse((ModelConfig,), rest, description=__doc__)
     tensors, _ = read_weights_file(args.global_model)

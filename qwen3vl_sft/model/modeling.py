@@ -1,6 +1,6 @@
 """Loading Qwen3-VL (dense or MoE) and its processor, and choosing what trains.
 
-    python -m qwen3vl_sft.modeling --model_name_or_path tiny_models/qwen3-vl-tiny --lora true
+    python -m qwen3vl_sft.model.modeling --model_name_or_path tiny_models/qwen3-vl-tiny --lora true
 
 prints the trainable parameter count for a configuration without training.
 
@@ -16,8 +16,8 @@ import logging
 
 import torch
 
-from .config import DataConfig, ModelConfig
-from .official_launch import flash_attn_available
+from ..config import DataConfig, ModelConfig
+from ..train.official_launch import flash_attn_available
 
 logger = logging.getLogger(__name__)
 MERGER_PREFIXES = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
@@ -78,7 +78,7 @@ def checkpoint_config(model_name_or_path: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as err:
         raise ModelError(
             f"--model_name_or_path {model_name_or_path}: cannot read a model config ({err}). "
-            "Pass a Qwen3-VL directory or hub id (offline: build one with python -m qwen3vl_sft.tiny)."
+            "Pass a Qwen3-VL directory or hub id (offline: build one with python -m qwen3vl_sft.model.tiny)."
         ) from err
     if config.model_type not in QWEN3VL_MODEL_TYPES:
         raise ModelError(
@@ -191,7 +191,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import parse
+    from ..config import parse
 
     (model_config,) = parse((ModelConfig,), argv, description="Show what trains for a configuration.")
     model = load_model(model_config)

@@ -13,7 +13,7 @@ for it in this process (:func:`stand_in_for_flash_attn`): the clone imports flas
 but calls it only for flattened batches, which need flash attention anyway. Nothing is written to disk.
 
 Standard library only: the clone's interpreter does not have our package installed, so
-:mod:`qwen3vl_sft.official` copies this file next to the round's checkpoint and runs it by path.
+:mod:`qwen3vl_sft.train.official` copies this file next to the round's checkpoint and runs it by path.
 In-process mode imports the same functions directly.
 """
 

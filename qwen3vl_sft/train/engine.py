@@ -1,10 +1,10 @@
 """Qwen3-VL supervised fine-tuning, in-process: one function for a centralised run or one FL round.
 
-    python -m qwen3vl_sft.train --model_name_or_path tiny_models/qwen3-vl-tiny \\
+    python -m qwen3vl_sft.train.engine --model_name_or_path tiny_models/qwen3-vl-tiny \\
         --data_path data/site-1/train.json --eval_data_path data/test.json --max_steps 200 \\
         --learning_rate 5e-4 --per_device_train_batch_size 16 --output_dir outputs/central
 
-(``torchrun --nproc_per_node=K -m qwen3vl_sft.train ...`` for several GPUs: HF Trainer does the DDP.)
+(``torchrun --nproc_per_node=K -m qwen3vl_sft.train.engine ...`` for several GPUs: HF Trainer does the DDP.)
 
 Built on HF Trainer, so bf16, gradient accumulation, DDP, ``report_to`` and progress bars come from
 the library; :class:`RoundTrainer` adds only what federated rounds need: one learning-rate schedule
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .config import DataConfig, ModelConfig, TrainConfig
-from .data import Collator, build_dataset
-from .modeling import load_model, load_processor, resolve_dtype
-from .records import DataError
-from .weights import exchanged_state, load_exchanged
+from ..config import DataConfig, ModelConfig, TrainConfig
+from ..data.records import DataError
+from ..data.samples import Collator, build_dataset
+from ..model.modeling import load_model, load_processor, resolve_dtype
+from ..model.weights import exchanged_state, load_exchanged
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class SFTEngine:
 
     def __init__(self, config: SFTConfig, callbacks: tuple = ()):
         self.config = config
-        self.callbacks = list(callbacks)  # HF TrainerCallbacks for every round (fl_console's progress)
+        self.callbacks = list(callbacks)  # HF TrainerCallbacks for every round (fl.console's progress)
         if config.train.torch_threads > 0:
             torch.set_num_threads(config.train.torch_threads)
         leave_single_process_torchrun()
@@ -274,8 +274,8 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import check_data_flags, check_model_flags, parse
-    from .evaluate import evaluate_file
+    from ..config import check_data_flags, check_model_flags, parse
+    from ..eval.evaluate import evaluate_file
 
     model_cfg, data_cfg, train_cfg = parse((ModelConfig, DataConfig, TrainConfig), argv, description=__doc__)
     try:

@@ -1,6 +1,6 @@
 """Held-out evaluation: teacher-forced answer loss, batched greedy answers and their scores.
 
-    python -m qwen3vl_sft.evaluate --model tiny_models/qwen3-vl-tiny --data data/test.json
+    python -m qwen3vl_sft.eval.evaluate --model tiny_models/qwen3-vl-tiny --data data/test.json
 
 * ``loss``: mean cross-entropy over the supervised (answer) tokens of every turn, exactly the tokens
   training optimises; defined for every data set, so it is the federated job's key metric;
@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from .config import DataConfig
-from .data import IGNORE_INDEX, Collator, SampleBuilder, build_dataset
+from ..config import DataConfig
+from ..data.samples import IGNORE_INDEX, Collator, SampleBuilder, build_dataset
+from ..model.modeling import compute_autocast
 from .metrics import SHORT_ANSWER_WORDS, exact_match, is_short, normalize, score_answers  # noqa: F401
-from .modeling import compute_autocast
 
 # SHORT_ANSWER_WORDS and normalize stay importable from here: they lived here before metrics.py.
 
@@ -227,7 +227,7 @@ def evaluate_model_dir(
 ) -> dict:
     """:func:`evaluate_file` of the checkpoint at ``model_dir``: an HF directory, a PEFT adapter directory
     (the LoRA global model) or a .pt, detected and loaded exactly as run_inference.py loads it."""
-    from .config import InferenceConfig
+    from ..config import InferenceConfig
     from .inference import Checkpoint, detect, load_checkpoint, resolve_device
 
     cfg = InferenceConfig(base_model=base_model, compare_base=False, data_file=str(path))

@@ -1,6 +1,6 @@
 """The one place that maps weight names between the HF model, exchanged tensors and saved files.
 
-    python -m qwen3vl_sft.weights --model_name_or_path Qwen/Qwen3-VL-2B-Instruct [--lora true]
+    python -m qwen3vl_sft.model.weights --model_name_or_path Qwen/Qwen3-VL-2B-Instruct [--lora true]
 
 prints how many tensors and MiB one federated message carries for a configuration, counted on the meta
 device (no weights are loaded).
@@ -173,7 +173,7 @@ def meta_model(model_config):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import ModelConfig, parse
+    from ..config import ModelConfig, parse
 
     (model_config,) = parse((ModelConfig,), argv, description="Bytes per federated message (meta device).")
     model = meta_model(model_config)

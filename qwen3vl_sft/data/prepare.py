@@ -5,7 +5,7 @@
 Kept in the package so job.py --demo and the tests shard data the same way the script does.
 
 What a run does to the records, in order: invalid ones are skipped by reason (the rule shared with
-the training loader, :func:`qwen3vl_sft.records.inspect_record`, plus missing images); exact
+the training loader, :func:`qwen3vl_sft.data.records.inspect_record`, plus missing images); exact
 copies (same images and conversations, whatever the id) are dropped, the first kept; records that
 share an image path or an id are linked, and each linked group lands in one file (test, a site's
 train or val) under every ``--split``.  Without shared images or ids the split is the plain
@@ -18,7 +18,7 @@ record-level one (same seed, same files).
 * ``image_root``: where the records' image paths point (what a site resolves them against).
 * ``source``: ``path`` (absolute), ``bytes``, ``records`` (read, usable or not).
 * ``usable_records``: records written somewhere (after skips and duplicates).
-* ``skipped``: records not written, by reason (:data:`qwen3vl_sft.records.SKIP_REASONS`,
+* ``skipped``: records not written, by reason (:data:`qwen3vl_sft.data.records.SKIP_REASONS`,
   ``missing_image``, ``image_outside_root``, and ``duplicate`` for dropped exact copies).
 * ``duplicates``: ``removed`` (= ``skipped.duplicate``, 0 if none) and
   ``ids_with_different_content``: ``ids`` (how many ids sit on records that differ), ``records``
@@ -43,8 +43,8 @@ import re
 import shutil
 import zipfile
 
-from .config import DEFAULT_DATA_FILE, HF_DATASET_ID, PrepareDataConfig
-from .fileio import atomic_dir, atomic_path
+from ..config import DEFAULT_DATA_FILE, HF_DATASET_ID, PrepareDataConfig
+from ..fileio import atomic_dir, atomic_path
 from .records import DataError, ImageIndex
 from .sharding import (
     check_config,

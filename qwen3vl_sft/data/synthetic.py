@@ -1,6 +1,6 @@
 """Synthetic PubMedVision-format data set that a tiny Qwen3-VL can learn on CPU.
 
-    python -m qwen3vl_sft.synthetic --output PubMedVision_synth --num_records 2000
+    python -m qwen3vl_sft.data.synthetic --output PubMedVision_synth --num_records 2000
 
 Writes what a clone of the real data set holds: ``PubMedVision_InstructionTuning_VQA.json`` (a JSON
 array of records with ``id``, ``image`` (list of ``images/...jpg``), ``conversations`` (human/gpt turns),
@@ -43,7 +43,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fileio import atomic_dir
+from ..fileio import atomic_dir
 
 DATA_FILE_NAME = "PubMedVision_InstructionTuning_VQA.json"
 IMAGE_SIZE = 64

@@ -3,7 +3,7 @@
     python job.py --demo              # in a terminal: the live view; `| tee demo.log`: the plain lines
     python job.py --demo --verbose    # NVFlare's and the sites' full stream instead
 
-It reads the events the server writes (qwen3vl_sft.fl_console, ``console_events.jsonl``): rounds,
+It reads the events the server writes (qwen3vl_sft.fl.console, ``console_events.jsonl``): rounds,
 each site's progress and tracked metrics, each result, each aggregation. :class:`JobView` turns events
 into text and holds no I/O, so tests feed it literal events; :class:`ConsoleRunner` tails the file in a
 thread and draws. NVFlare's and the sites' full logs stay in their files, which the view names.
@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-EVENTS_FILE = "console_events.jsonl"  # in the server's run folder (written by qwen3vl_sft.fl_console)
+EVENTS_FILE = "console_events.jsonl"  # in the server's run folder (written by qwen3vl_sft.fl.console)
 STATS_GROUP = "qwen3vl_round"  # the server's show_stats group holding the current round (--env prod)
 TAG_PREFIX = "console/"  # tracked values that are progress, not metrics (kept out of the summary table)
 REDRAW_SECONDS = 0.5

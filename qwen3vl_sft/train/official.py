@@ -1,19 +1,19 @@
 """Train each round with the official Qwen3-VL fine-tuning code (a clone of QwenLM/Qwen3-VL).
 
-    QWEN3VL_ROOT=~/src/Qwen3-VL python -m qwen3vl_sft.official \\
+    QWEN3VL_ROOT=~/src/Qwen3-VL python -m qwen3vl_sft.train.official \\
         --qwen3vl_python ~/envs/qwen3vl/bin/python --model_name_or_path Qwen/Qwen3-VL-2B-Instruct \\
         --data_path data/site-1/train.json --max_steps 20 --nproc_per_node 2
 
 runs one round through the clone's ``qwenvl/train/train_qwen.py`` and prints its metrics.
 
-:class:`OfficialBackend` has the round interface of :class:`qwen3vl_sft.train.SFTEngine`. Each round:
+:class:`OfficialBackend` has the round interface of :class:`qwen3vl_sft.train.engine.SFTEngine`. Each round:
 
 1. empties ``<work_dir>/qwen3vl_checkpoints/`` (upstream resumes from any ``checkpoint-*`` it finds in
    its output_dir, so nothing from an earlier round may survive);
 2. writes the base checkpoint's config, tokenizer and processor files plus its safetensors, with the
    received tensors merged in, to a directory whose *name* makes upstream load the right class (it
    decides from the path: no "qwen3" loads Qwen2-VL, a last component with the letter "a" loads MoE);
-3. runs the clone's ``train()`` (through :mod:`qwen3vl_sft.official_launch`, which registers the site's
+3. runs the clone's ``train()`` (through :mod:`qwen3vl_sft.train.official_launch`, which registers the site's
    data set in the clone's ``data_dict`` at run time; the clone is never edited), either in a child
    process per round under ``torch.distributed.run`` with the Python of the environment built for the
    clone, or in this process when this interpreter can import the clone;
@@ -43,12 +43,12 @@ from typing import Literal
 
 import torch
 
+from ..config import DataConfig, replace
+from ..data.samples import resolve_image_root
+from ..model.modeling import resolve_attention
+from ..model.weights import WeightsError, checkpoint_name, exchanged_names, meta_model
 from . import official_launch
-from .config import DataConfig, replace
-from .data import resolve_image_root
-from .modeling import resolve_attention
-from .train import TORCHRUN_VARS, RoundResult, SFTConfig
-from .weights import WeightsError, checkpoint_name, exchanged_names, meta_model
+from .engine import TORCHRUN_VARS, RoundResult, SFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def is_current_python(python: str) -> bool:
 
 @dataclass(frozen=True)
 class Environment:
-    """What the clone's Python offers (from :func:`qwen3vl_sft.official_launch.probe`)."""
+    """What the clone's Python offers (from :func:`qwen3vl_sft.train.official_launch.probe`)."""
 
     python: str
     current: bool
@@ -388,7 +388,7 @@ def run_logged(command: list[str], env: dict[str, str], cwd: Path, log_path: Pat
             last = line.strip() or last
         code = proc.wait()
     if code != 0:
-        from .fl_watch import last_exception_line  # the rule that reads every site log ("[rank0]: ...")
+        from ..fl.watch import last_exception_line  # the rule that reads every site log ("[rank0]: ...")
 
         cause = last_exception_line(log_path) or last
         raise OfficialBackendError(
@@ -626,7 +626,7 @@ class OfficialBackend:
 
     @functools.cached_property
     def _record_count(self) -> int:
-        from .records import load_records
+        from ..data.records import load_records
 
         return len(load_records(self.annotation_path))
 
@@ -662,7 +662,7 @@ def from_config(config: SFTConfig, opts, site: str = "") -> OfficialBackend:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import BackendConfig, ModelConfig, TrainConfig, parse
+    from ..config import BackendConfig, ModelConfig, TrainConfig, parse
 
     model_cfg, data_cfg, train_cfg, opts = parse(
         (ModelConfig, DataConfig, TrainConfig, BackendConfig), argv, description=__doc__

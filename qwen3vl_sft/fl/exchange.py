@@ -1,6 +1,6 @@
 """Update exchange: sites send their change to the global model, the server keeps an fp32 master.
 
-    python -m qwen3vl_sft.exchange --compression int8
+    python -m qwen3vl_sft.fl.exchange --compression int8
 
 prints one simulated round (a 2B-shaped layer, an update of 2e-5 per element): what bf16 weights keep
 of it and what each codec keeps, as cosine and relative error.
@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from ..model.weights import WeightsError, as_tensors, name_differences
 from .compression import (
     HEADER_KEY,
     FidelitySums,
@@ -48,7 +49,6 @@ from .compression import (
     packet_bytes,
     tensor_names,
 )
-from .weights import WeightsError, as_tensors, name_differences
 
 logger = logging.getLogger(__name__)
 MIB = 2**20
@@ -232,7 +232,7 @@ def replace_data(shareable, dxo, data: dict, data_kind=None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import ExchangeConfig, parse
+    from ..config import ExchangeConfig, parse
 
     (config,) = parse((ExchangeConfig,), argv, description="One simulated round of the update exchange.")
     gen = torch.Generator().manual_seed(0)

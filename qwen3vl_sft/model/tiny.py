@@ -1,9 +1,9 @@
 """Build an offline Qwen3-VL checkpoint (real transformers classes, random weights): tiny, or real-sized.
 
-    python -m qwen3vl_sft.tiny --output tiny_models/qwen3-vl-tiny
-    python -m qwen3vl_sft.tiny --output tiny_models/qwen3-vl-tiny-qwen-ids --variant qwen-ids
-    python -m qwen3vl_sft.tiny --output models/qwen3-vl-2b-random --variant real-dims
-    python -m qwen3vl_sft.tiny --output models/qwen3-vl-2b-2layers --variant real-dims --text_layers 2 \
+    python -m qwen3vl_sft.model.tiny --output tiny_models/qwen3-vl-tiny
+    python -m qwen3vl_sft.model.tiny --output tiny_models/qwen3-vl-tiny-qwen-ids --variant qwen-ids
+    python -m qwen3vl_sft.model.tiny --output models/qwen3-vl-2b-random --variant real-dims
+    python -m qwen3vl_sft.model.tiny --output models/qwen3-vl-2b-2layers --variant real-dims --text_layers 2 \
         --vision_depth 2
 
 The directory loads with ``AutoProcessor.from_pretrained(DIR)`` and
@@ -32,7 +32,7 @@ import json
 import os
 from pathlib import Path
 
-from .fileio import atomic_dir
+from ..fileio import atomic_dir
 
 TEXT_HIDDEN = 128
 COMPACT_VOCAB = 1024
@@ -68,7 +68,7 @@ CHAT_TEMPLATE = (
 
 def _tokenizer_corpus() -> list[str]:
     """Fixed text the BPE is trained on: chat scaffolding plus the synthetic data set's vocabulary."""
-    from .synthetic import vocabulary_sentences
+    from ..data.synthetic import vocabulary_sentences
 
     scaffold = ["system", "user", "assistant", "You are a helpful assistant.", "Picture 1:", "Image 2:"]
     return scaffold * 50 + vocabulary_sentences() * 5

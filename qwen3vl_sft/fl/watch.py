@@ -3,7 +3,7 @@
     python job.py --master_port_base 29500 ...   # while something listens on 29500: the job ends with
                                                  # "site-1 stopped: ... EADDRINUSE ... (log: .../log.txt)"
 
-Two NVFlare components, added to every job by :func:`qwen3vl_sft.fl_job.build_recipe`:
+Two NVFlare components, added to every job by :func:`qwen3vl_sft.fl.job.build_recipe`:
 
 * :class:`SiteFailureReporter` (each site). NVFlare stops a site's ClientRunner on a fatal error (its
   ``torchrun`` died before the Client API handshake: a busy ``--master_port``, a flag the parser refuses,
@@ -116,7 +116,7 @@ class JobFailureRecorder(Filter):
     def _write_failure(self, reason: str, fl_ctx) -> None:
         from nvflare.app_common.app_constant import AppConstants
 
-        from .fileio import atomic_write_json
+        from ..fileio import atomic_write_json
 
         if self._failure_path is None or os.path.isfile(self._failure_path):
             return  # the first reason is the cause; later panics are its consequences

@@ -17,7 +17,7 @@ Four steps, each a function:
    placeholder repair cannot splice), hashing as it writes, into a staging folder inside the output
    directory; the shards and ``manifest.json`` are moved into place only when everything is written
    (Ctrl-C is held back during those renames), and shards an earlier run left that this one does not
-   write (a ``test.json``, a ``site-5``) are removed.  Manifest keys: :mod:`qwen3vl_sft.prepare`.
+   write (a ``test.json``, a ``site-5``) are removed.  Manifest keys: :mod:`qwen3vl_sft.data.prepare`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen3vl_sft.config import PrepareDataConfig
-from qwen3vl_sft.fileio import atomic_write_json, publish
-from qwen3vl_sft.records import (
+from qwen3vl_sft.data.records import (
     DataError,
     ImageIndex,
     MisalignedSplit,
@@ -57,6 +56,7 @@ from qwen3vl_sft.records import (
     splice_placeholders,
     split_points,
 )
+from qwen3vl_sft.fileio import atomic_write_json, publish
 
 LABEL_KEYS = ("modality", "body_part")
 UNKNOWN_LABEL = "unknown"
@@ -736,7 +736,7 @@ def build_manifest(
     image_root: str = "",
 ) -> dict:
     """What was written, from what, how: counts per site and label, skips by reason, file hashes,
-    duplicates and linked records (keys documented in :mod:`qwen3vl_sft.prepare`).
+    duplicates and linked records (keys documented in :mod:`qwen3vl_sft.data.prepare`).
     """
     links = links or link_records(pool)
     image_root = image_root or os.path.dirname(os.path.abspath(source))

@@ -17,8 +17,8 @@ import shlex
 import time
 from pathlib import Path
 
+from ..data.records import DataError
 from .console_view import STATS_GROUP, clock
-from .records import DataError
 
 ADMIN_CONFIG = Path("startup") / "fed_admin.json"
 POLL_SECONDS = 5.0

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import (
+from ..config import (
     BackendConfig,
     DataConfig,
     ExchangeConfig,
@@ -33,12 +33,12 @@ from .config import (
     is_site_local,
     to_flags,
 )
+from ..data.records import DataError
+from ..fileio import atomic_path, check_writable
 from .console_view import TAG_PREFIX
-from .fileio import atomic_path, check_writable
-from .fl_watch import failure_line, read_failure
-from .records import DataError
+from .watch import failure_line, read_failure
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # qwen3vl_sft/, shipped whole to every app
 REPO_DIR = PACKAGE_DIR.parent
 # Sized for a 2B model (3.5 GB per message) on ordinary links; NVFlare 2.9 reads exactly these keys.
 LARGE_MODEL_TIMEOUTS = {
@@ -99,7 +99,7 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
             raise DataError(
                 "--env prod needs --startup_kit: the admin's startup kit folder from 'nvflare provision'"
             )
-        from .fl_prod import admin_user
+        from .prod import admin_user
 
         admin_user(job.startup_kit)  # the kit's admin config is readable
         if job.gpu:
@@ -162,12 +162,12 @@ def site_data(data: DataConfig, job: JobConfig, site: str) -> DataConfig:
         data, data_path=str(train), eval_data_path=str(val), image_root=image_root
     )
     if runs_elsewhere(job) and not data_dir.is_dir():
-        return site_data_config  # a site without val.json skips validation (fl_client.check_site_paths)
+        return site_data_config  # a site without val.json skips validation (fl.client.check_site_paths)
     if not train.is_file():
         raise DataError(
             f"{train} does not exist: run prepare_data.py --num_clients N --output_dir {data_dir} first"
         )
-    from .data import resolve_image_root
+    from ..data.samples import resolve_image_root
 
     # --image_root or the shards' manifest: a missing root is named now
     resolve_image_root(site_data_config, train)
@@ -314,7 +314,7 @@ def completed_rounds(checkpoint: str | os.PathLike | None) -> int:
     """
     if checkpoint is None:
         return 0
-    from .inference import CheckpointError, read_weights_file  # weights_only: never unpickles code
+    from ..eval.inference import CheckpointError, read_weights_file  # weights_only: never unpickles code
 
     try:
         _, meta = read_weights_file(checkpoint)
@@ -331,7 +331,7 @@ def check_model(model: ModelConfig) -> None:
     it used to start, then the server failed inside NVFlare). Hub ids are checked where they load."""
     if not os.path.isdir(model.model_name_or_path):
         return
-    from .modeling import ModelError, model_class
+    from ..model.modeling import ModelError, model_class
 
     try:
         model_class(model.model_name_or_path, model.trust_remote_code)
@@ -445,7 +445,7 @@ def build_recipe(
 def global_model_persistor(
     job: JobConfig, model: ModelConfig, checkpoint: str | None, exchange: ExchangeConfig
 ):
-    from .fl_server import GlobalModelPersistor
+    from .server import GlobalModelPersistor
 
     return GlobalModelPersistor(
         model_config=dataclasses.asdict(model),
@@ -495,8 +495,8 @@ def site_configs(
 
 
 def add_failure_watch(recipe) -> None:
-    """Sites report fatal errors to the server, which ends the job with the reason (see fl_watch)."""
-    from .fl_watch import JobFailureRecorder, SiteFailureReporter
+    """Sites report fatal errors to the server, which ends the job with the reason (see fl.watch)."""
+    from .watch import JobFailureRecorder, SiteFailureReporter
 
     recipe.add_server_input_filter(JobFailureRecorder(), tasks=["train"])
     # Recipes have no public call for a plain client component; NVFlare's own add_experiment_tracking
@@ -505,9 +505,9 @@ def add_failure_watch(recipe) -> None:
 
 
 def add_console_events(recipe) -> None:
-    """The server writes what job.py's live view shows (qwen3vl_sft.fl_console): the sites' progress and
+    """The server writes what job.py's live view shows (qwen3vl_sft.fl.console): the sites' progress and
     metrics arrive over the tracking channel add_experiment_tracking set up, results through a filter."""
-    from .fl_console import ConsoleRecorder, ConsoleResultFilter
+    from .console import ConsoleRecorder, ConsoleResultFilter
 
     # Recipes have no public call for a plain server component; add_experiment_tracking adds its receiver so.
     recipe._job.to_server(ConsoleRecorder(), id="console_recorder")
@@ -516,7 +516,7 @@ def add_console_events(recipe) -> None:
 
 def add_memory_release(recipe) -> None:
     """The server frees each received result and each replaced global once FedAvg is done with them."""
-    from .fl_server import RoundMemoryRelease
+    from .server import RoundMemoryRelease
 
     # Recipes have no public call for a plain server component (see add_console_events).
     recipe._job.to_server(RoundMemoryRelease(), id="round_memory_release")
@@ -524,7 +524,7 @@ def add_memory_release(recipe) -> None:
 
 def add_update_exchange(recipe, exchange: ExchangeConfig) -> None:
     """With --exchange update: the server codes the global it sends and decodes the updates it gets
-    (qwen3vl_sft.exchange); FedAvg itself averages the fp32 differences and applies them."""
+    (qwen3vl_sft.fl.exchange); FedAvg itself averages the fp32 differences and applies them."""
     if exchange.exchange != "update":
         return
     from .exchange import GlobalEncoder, UpdateDecoder
@@ -573,7 +573,7 @@ def execution_env(job: JobConfig, cuda_devices: int):
     from nvflare.recipe.sim_env import SimEnv
 
     if job.env == "prod":  # each site's GPUs are its own: CUDA_VISIBLE_DEVICES of the party it started
-        from .fl_prod import prod_deployment
+        from .prod import prod_deployment
 
         return prod_deployment(job.startup_kit, str(prod_result_root(job)))
     groups = gpu_groups(job, cuda_devices)
@@ -586,7 +586,7 @@ def execution_env(job: JobConfig, cuda_devices: int):
             from nvflare.recipe.poc_env import PocEnv
 
             return PocEnv(num_clients=job.n_clients, gpu_ids=gpu_ids)
-        from .fl_prod import quiet_poc
+        from .prod import quiet_poc
 
         return quiet_poc(num_clients=job.n_clients, gpu_ids=gpu_ids)
     gpu_config = ",".join("[" + ",".join(map(str, g)) + "]" for g in groups) if groups else None
@@ -663,7 +663,7 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
 
 def run_prod_job(job: JobConfig, recipe, image_root: str = "") -> Summary:
     """Submit through the admin's kit, follow the job to its end, fetch its result under --workspace."""
-    from .fl_prod import COMPLETED, nvflare_command
+    from .prod import COMPLETED, nvflare_command
 
     print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds on the deployment of "
           f"{Path(job.startup_kit).resolve()}; logs: each party's <kit>/log.txt and <kit>/<job id>/log.txt")  # fmt: skip

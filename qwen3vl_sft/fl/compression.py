@@ -1,6 +1,6 @@
 """Blockwise absmax codecs for model updates: fp32 (``none``), ``bf16``, ``int8`` and 4-bit NormalFloat.
 
-    python -m qwen3vl_sft.compression
+    python -m qwen3vl_sft.fl.compression
 
 prints, for each codec, the bytes per element and the round-trip error on an update shaped like one
 of Qwen3-VL-2B's (N(0, 1e-5) per element).
