@@ -21,7 +21,7 @@ from qwen3vl_sft.config import (
     TrainConfig,
     parse,
 )
-from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.errors import DataError
 
 
 def main(argv=None):

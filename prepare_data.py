@@ -23,8 +23,8 @@ import sys
 
 from qwen3vl_sft.config import PrepareDataConfig, parse
 from qwen3vl_sft.data.prepare import report, run
-from qwen3vl_sft.data.records import DataError
 from qwen3vl_sft.data.sharding import InterruptedAfterPublish
+from qwen3vl_sft.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

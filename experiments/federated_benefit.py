@@ -186,7 +186,7 @@ def split_data(exp: ExperimentConfig, data_file: Path, data_dir: Path) -> tuple[
 
 def first_answers(path: Path) -> list[str]:
     """The answer accuracy is scored on (run_inference scores each record's first answer)."""
-    from qwen3vl_sft.data.records import load_records
+    from qwen3vl_sft.data.json_scan import load_records
     from qwen3vl_sft.eval.evaluate import first_answer
 
     return [first_answer(r) for r in load_records(path)]
@@ -236,7 +236,7 @@ def seen_answer_ceilings(data_dir: Path, coverage: dict[str, set[str]]) -> dict[
 
 def write_union(data_dir: Path, num_sites: int) -> Path:
     """All sites' train records in one file (under data_dir, so image paths resolve as for the shards)."""
-    from qwen3vl_sft.data.records import load_records
+    from qwen3vl_sft.data.json_scan import load_records
 
     records = []
     for i in range(1, num_sites + 1):

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .data.records import DataError
+from .errors import DataError
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 DEFAULT_DATA_FILE = "PubMedVision/PubMedVision_InstructionTuning_VQA.json"

@@ -166,7 +166,7 @@ def check_writable(folder: str | os.PathLike, flag: str) -> None:
 
     Nothing is created: the folder, or the nearest existing folder above it, takes a temporary file.
     """
-    from .data.records import DataError
+    from .errors import DataError
 
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):

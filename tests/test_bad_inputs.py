@@ -59,8 +59,8 @@ from PIL import Image
 
 import job
 from qwen3vl_sft.config import DataConfig, ModelConfig
-from qwen3vl_sft.data.records import DataError
 from qwen3vl_sft.data.samples import SampleBuilder, SkipSample, build_dataset
+from qwen3vl_sft.errors import DataError
 from qwen3vl_sft.model.modeling import ModelError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwen3vl_sft.config import BackendConfig, DataConfig, ModelConfig, site_local_paths
-from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.errors import DataError
 
 
 def test_site_local_paths_expand_variables_and_home_on_the_machine_that_reads_them(monkeypatch, tmp_path):

@@ -53,7 +53,7 @@ def test_a_site_refuses_to_start_on_a_data_path_or_image_root_it_lacks(shards, t
 
     import pytest
 
-    from qwen3vl_sft.data.records import DataError
+    from qwen3vl_sft.errors import DataError
     from qwen3vl_sft.fl.client import check_site_paths
 
     with pytest.raises(

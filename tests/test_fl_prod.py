@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.errors import DataError
 from qwen3vl_sft.fl import prod as fl_prod
 from qwen3vl_sft.fl.console_view import STATS_GROUP
 

@@ -19,8 +19,8 @@ from image_files import png_header_only
 from PIL import Image
 
 from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
-from qwen3vl_sft.data.records import DataError
 from qwen3vl_sft.data.samples import SampleBuilder, SkipSample, build_dataset
+from qwen3vl_sft.errors import DataError
 from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import job as job_script
 from qwen3vl_sft.config import JobConfig
-from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.errors import DataError
 from qwen3vl_sft.fl import job as fl_job
 
 

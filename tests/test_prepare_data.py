@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import prepare_data
-from qwen3vl_sft.data import records, sharding
+from qwen3vl_sft.data import json_scan, sharding
 from qwen3vl_sft.data.records import ensure_image_placeholders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,8 +214,8 @@ def test_jsonl_input_gives_the_same_shards_as_the_json_array(tmp_path):
 
 
 def test_parallel_read_gives_byte_identical_output(dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(records, "_MIN_SPLIT_BYTES", 0)  # split even this small file
-    assert len(records.split_points(str(dataset), 3)) == 3
+    monkeypatch.setattr(json_scan, "_MIN_SPLIT_BYTES", 0)  # split even this small file
+    assert len(json_scan.split_points(str(dataset), 3)) == 3
     assert run(dataset, tmp_path / "one", "--num_workers", 1)[0] == 0
     assert run(dataset, tmp_path / "three", "--num_workers", 3)[0] == 0
     one, three = tree(tmp_path / "one"), tree(tmp_path / "three")
@@ -227,7 +227,7 @@ def test_parallel_read_gives_byte_identical_output(dataset, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("victim", ["r10", "r110"])  # in the first part, in the last part
 def test_parallel_read_reports_the_same_error(dataset, tmp_path, monkeypatch, capsys, victim):
-    monkeypatch.setattr(records, "_MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(json_scan, "_MIN_SPLIT_BYTES", 0)
     dataset.write_text(dataset.read_text().replace(f'"id": "{victim}",', f'"id": "{victim}"', 1))
     errors = [run(dataset, tmp_path / f"w{w}", "--num_workers", w, capsys=capsys)[2] for w in (1, 3)]
     assert "malformed JSON" in errors[0] and "line " in errors[0]

@@ -27,7 +27,7 @@ import torch
 
 import job
 from qwen3vl_sft.config import InferenceConfig, ModelConfig
-from qwen3vl_sft.data.records import DataError
+from qwen3vl_sft.errors import DataError
 from qwen3vl_sft.fl import job as fl_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,8 +44,9 @@ import shutil
 import zipfile
 
 from ..config import DEFAULT_DATA_FILE, HF_DATASET_ID, PrepareDataConfig
+from ..errors import DataError
 from ..fileio import atomic_dir, atomic_path
-from .records import DataError, ImageIndex
+from .records import ImageIndex
 from .sharding import (
     check_config,
     collect,

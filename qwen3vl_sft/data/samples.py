@@ -34,7 +34,9 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
+from ..errors import DataError
 from . import records as rec
+from .json_scan import load_records
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -84,7 +86,7 @@ QWEN_MAX_ASPECT_RATIO = 200
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 
-class ImageDefect(rec.DataError):
+class ImageDefect(DataError):
     """An image file the shared image rule refuses (message: the file and why, one line)."""
 
 
@@ -228,7 +230,7 @@ class SampleBuilder:
             return [open_image(path, self.config) for path in self.image_paths(record)]
         except ImageDefect as err:
             raise SkipSample(f"record {record.get('id')!r}: image {err}") from None
-        except rec.DataError as err:  # an image path outside the image root (the message names the record)
+        except DataError as err:  # an image path outside the image root (the message names the record)
             raise SkipSample(str(err)) from None
 
     def prompt(self, record: dict) -> tuple[list[dict], list]:
@@ -389,7 +391,7 @@ def resolve_image_root(config: DataConfig, data_path: Path) -> Path:
     if config.image_root:
         root = Path(config.image_root)
         if not root.is_dir():
-            raise rec.DataError(
+            raise DataError(
                 f"--image_root {config.image_root}{_absolute_hint(root)} does not exist or is not a folder; "
                 "pass the folder that holds the data file's images/ (e.g. your PubMedVision clone)"
             )
@@ -417,9 +419,7 @@ def _manifest_image_root(manifest: Path) -> Path:
             or str(Path(info["source"]["path"]).parent)
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise rec.DataError(
-            f"{manifest}: unreadable manifest ({_one_line(err)}); pass --image_root"
-        ) from None
+        raise DataError(f"{manifest}: unreadable manifest ({_one_line(err)}); pass --image_root") from None
     candidates = (
         [Path(recorded)] if os.path.isabs(recorded) else [d / recorded for d in _prepare_dirs(info, manifest)]
     )
@@ -427,7 +427,7 @@ def _manifest_image_root(manifest: Path) -> Path:
         if root.is_dir():
             return Path(os.path.normpath(root))
     tried = ", ".join(os.path.normpath(c) for c in candidates)
-    raise rec.DataError(
+    raise DataError(
         f"{manifest}: its image root {recorded!r} does not exist here (looked for {tried}); "
         "pass --image_root <folder holding the images/ folder>"
     )
@@ -460,13 +460,13 @@ def build_dataset(processor, config: DataConfig, data_path: str | None = None) -
     """The dataset of one data file (records validated on load; invalid ones counted and dropped)."""
     path = Path(data_path or config.data_path)
     if not path.is_file():
-        raise rec.DataError(f"data file {path} does not exist; create the site shards with prepare_data.py")
+        raise DataError(f"data file {path} does not exist; create the site shards with prepare_data.py")
     image_root = resolve_image_root(config, path)  # before reading records: a wrong root fails at once
-    records, skipped = rec.valid_records(rec.load_records(path))
+    records, skipped = rec.valid_records(load_records(path))
     if skipped:
         logger.warning("%s: skipped %d invalid records %s", path, sum(skipped.values()), dict(skipped))
     if not records:
-        raise rec.DataError(f"{path}: no usable records (skipped: {dict(skipped)})")
+        raise DataError(f"{path}: no usable records (skipped: {dict(skipped)})")
     return RecordDataset(records, SampleBuilder(processor, config, image_root), cache=config.cache_samples)
 
 

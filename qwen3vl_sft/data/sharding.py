@@ -44,18 +44,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen3vl_sft.config import PrepareDataConfig
-from qwen3vl_sft.data.records import (
-    DataError,
-    ImageIndex,
+from qwen3vl_sft.data.json_scan import (
     MisalignedSplit,
     Scanned,
-    ensure_image_placeholders,
-    image_list,
-    inspect_record,
     scan_records,
     splice_placeholders,
     split_points,
 )
+from qwen3vl_sft.data.records import ImageIndex, ensure_image_placeholders, image_list, inspect_record
+from qwen3vl_sft.errors import DataError
 from qwen3vl_sft.fileio import atomic_write_json, publish
 
 LABEL_KEYS = ("modality", "body_part")

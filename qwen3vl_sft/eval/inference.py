@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, InferenceConfig, ModelConfig, check_data_flags, refuse
-from ..data.records import PLACEHOLDER, DataError
+from ..data.records import PLACEHOLDER
 from ..data.samples import RecordDataset, SampleBuilder, build_dataset, resolve_image_root
+from ..errors import DataError
 from ..fileio import check_writable
 from ..model.checkpoints import read_fl_record, usable_base
 from ..model.modeling import (

@@ -33,7 +33,7 @@ from ..config import (
     is_site_local,
     to_flags,
 )
-from ..data.records import DataError
+from ..errors import DataError
 from ..fileio import atomic_path, check_writable
 from .console_view import TAG_PREFIX
 from .watch import failure_line, read_failure

@@ -17,7 +17,7 @@ import shlex
 import time
 from pathlib import Path
 
-from ..data.records import DataError
+from ..errors import DataError
 from .console_view import STATS_GROUP, clock
 
 ADMIN_CONFIG = Path("startup") / "fed_admin.json"

@@ -29,8 +29,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ..config import DataConfig, ModelConfig, TrainConfig
-from ..data.records import DataError
 from ..data.samples import Collator, build_dataset
+from ..errors import DataError
 from ..model.modeling import load_model, load_processor, resolve_dtype
 from ..model.weights import exchanged_state, load_exchanged
 

@@ -626,7 +626,7 @@ class OfficialBackend:
 
     @functools.cached_property
     def _record_count(self) -> int:
-        from ..data.records import load_records
+        from ..data.json_scan import load_records
 
         return len(load_records(self.annotation_path))
 
