@@ -9,7 +9,6 @@ import math
 
 import pytest
 
-from qwen3vl_sft.eval import evaluate
 from qwen3vl_sft.eval.metrics import exact_match, is_short, normalize, rouge_l, score_answers, token_f1
 
 
@@ -19,11 +18,6 @@ def test_normalize_and_exact_match_ignore_case_punctuation_and_spacing():
     assert exact_match("the second image!", "The second image")
     assert not exact_match("upper left", "upper right")
     assert not exact_match("", "upper left")
-
-
-def test_exact_match_still_importable_from_evaluate():
-    assert evaluate.exact_match is exact_match
-    assert evaluate.normalize is normalize
 
 
 def test_token_f1_is_squad_overlap_without_articles():

@@ -28,9 +28,7 @@ import torch
 from ..config import DataConfig
 from ..data.samples import IGNORE_INDEX, Collator, SampleBuilder, build_dataset
 from ..model.modeling import compute_autocast
-from .metrics import SHORT_ANSWER_WORDS, exact_match, is_short, normalize, score_answers  # noqa: F401
-
-# SHORT_ANSWER_WORDS and normalize stay importable from here: they lived here before metrics.py.
+from .metrics import is_short, score_answers
 
 
 def first_answer(record: dict) -> str:
