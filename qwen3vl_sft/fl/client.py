@@ -34,7 +34,7 @@ import torch
 
 from ..config import BackendConfig, DataConfig, ExchangeConfig, site_local_paths
 from ..model.weights import WeightsError
-from ..train.engine import RoundResult, SFTConfig, SFTEngine
+from ..train.engine import RoundResult, SFTConfig, SFTEngine, rank_and_world
 from .exchange import SiteExchange
 
 logger = logging.getLogger("qwen3vl_sft.client")
@@ -58,10 +58,6 @@ def setup_logging() -> None:
         handlers.append(logging.FileHandler(CLIENT_LOG))
         handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=handlers)
-
-
-def rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def init_process_group(world_size: int) -> None:

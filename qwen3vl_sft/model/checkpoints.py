@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -33,9 +34,11 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..fileio import atomic_dir
-from .weights import EXCHANGE_DTYPE, checkpoint_name, exchanged_tensors, is_peft, meta_model
+from .weights import EXCHANGE_DTYPE, WeightsError, checkpoint_name, exchanged_tensors, is_peft, meta_model
 
 FL_RECORD = "fl_checkpoint.json"
+SHARD_INDEX = "model.safetensors.index.json"
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # what a hub download fetches
 PROCESSOR_FILES = (
     "config.json", "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.json",
     "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -44,19 +47,19 @@ PROCESSOR_FILES = (
 
 
 def base_model_dir(model_name_or_path: str) -> Path:
-    """Local directory of a checkpoint (a hub id is resolved through the local HF cache / download)."""
-    if os.path.isdir(model_name_or_path):
-        return Path(model_name_or_path)
+    """Local directory of a checkpoint: a directory as given (``~`` expanded), a hub id through the local
+    HF cache or a download of its :data:`CHECKPOINT_FILES`."""
+    path = Path(model_name_or_path).expanduser()
+    if path.is_dir():
+        return path
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(model_name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
-    )
+    return Path(snapshot_download(model_name_or_path, allow_patterns=CHECKPOINT_FILES))
 
 
 def safetensors_shards(model_dir: Path) -> dict[str, list[str]]:
     """Shard file -> tensor names, from the index file or the single model.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / SHARD_INDEX
     if index.is_file():
         shards: dict[str, list[str]] = {}
         for name, shard in json.loads(index.read_text())["weight_map"].items():
@@ -89,39 +92,75 @@ def initial_exchanged(model_config: ModelConfig, seed: int = 0) -> dict[str, tor
     if is_peft(model):
         return {name: init_lora_tensor(name, t.shape, seed) for name, t in wanted.items()}
     model_dir = base_model_dir(model_config.model_name_or_path)
-    by_checkpoint = {checkpoint_name(n): n for n in wanted}
-    out: dict[str, torch.Tensor] = {}
-    for shard, names in safetensors_shards(model_dir).items():
-        with safe_open(model_dir / shard, "pt") as f:
-            for key in names:
-                if key in by_checkpoint:
-                    out[by_checkpoint[key]] = f.get_tensor(key).to(EXCHANGE_DTYPE)
+    shards = [model_dir / shard for shard in safetensors_shards(model_dir)]
+    found = read_tensors(shards, {checkpoint_name(n): n for n in wanted})
+    out = {name: t.to(EXCHANGE_DTYPE) for name, t in found.items()}
     missing = sorted(set(wanted) - set(out))
     if missing:
         raise KeyError(f"{model_dir}: exchanged tensors missing from the checkpoint: {missing[:5]}")
     return out
 
 
+def read_tensors(files: Iterable[Path], wanted: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors ``wanted`` names (checkpoint name -> our name) found in the safetensors ``files``,
+    keyed by our name, on CPU in their saved dtype; no model is loaded. Names not found are left out."""
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in wanted.keys() & set(f.keys()):
+                found[wanted[key]] = f.get_tensor(key).contiguous()
+    return found
+
+
+def write_merged_shards(
+    base: Path, out: Path, tensors: Mapping[str, torch.Tensor], link_unchanged: bool = False
+) -> None:
+    """``base``'s safetensors shards (and shard index) in ``out``, with ``tensors`` (keyed by checkpoint
+    name) in place of theirs; one shard in memory at a time.
+
+    Every tensor must replace one of the checkpoint with the same shape (else :class:`WeightsError`) and
+    takes that one's dtype. A shard no tensor touches is copied, or symlinked with ``link_unchanged``
+    (a working copy that lives as long as its base: the official backend's round input).
+    """
+    shards = safetensors_shards(base)
+    unknown = set(tensors) - {name for names in shards.values() for name in names}
+    if unknown:
+        raise WeightsError(
+            f"{len(unknown)} tensors are not in the base checkpoint {base} (e.g. {sorted(unknown)[:3]})"
+        )
+    for shard, names in shards.items():
+        replaced = {name: tensors[name] for name in names if name in tensors}
+        if replaced:
+            _write_shard(base / shard, out / shard, replaced)
+        elif link_unchanged:
+            os.symlink((base / shard).resolve(), out / shard)  # untouched shard: no need to copy gigabytes
+        else:
+            shutil.copy2(base / shard, out / shard)
+    if (base / SHARD_INDEX).is_file():
+        shutil.copy2(base / SHARD_INDEX, out / SHARD_INDEX)
+
+
+def _write_shard(src: Path, dst: Path, replaced: Mapping[str, torch.Tensor]) -> None:
+    with safe_open(str(src), framework="pt") as f:
+        keys, data = list(f.keys()), {}
+        for key in keys:
+            tensor = f.get_tensor(key)
+            if key in replaced:
+                new = replaced[key]
+                if tuple(new.shape) != tuple(tensor.shape):
+                    raise WeightsError(
+                        f"{key}: received shape {tuple(new.shape)}, checkpoint has {tuple(tensor.shape)}"
+                    )
+                tensor = new.to(dtype=tensor.dtype)  # keep the checkpoint's dtype, lossless
+            data[key] = tensor.contiguous()
+        metadata = {**(f.metadata() or {}), "format": "pt"}
+    save_file(data, str(dst), metadata=metadata)
+
+
 def _copy_processor_files(src: Path, dst: Path) -> None:
     for name in PROCESSOR_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-
-
-def _write_full_model(tensors: dict[str, torch.Tensor], base: Path, out: Path) -> None:
-    """Base shards with the exchanged tensors swapped in, one shard in memory at a time."""
-    by_checkpoint = {checkpoint_name(n): t for n, t in tensors.items()}
-    shards = safetensors_shards(base)
-    unknown = set(by_checkpoint) - {n for names in shards.values() for n in names}
-    if unknown:
-        raise KeyError(f"global model has tensors the base checkpoint lacks: {sorted(unknown)[:5]}")
-    for shard, names in shards.items():
-        with safe_open(base / shard, "pt") as f:
-            dtype = f.get_tensor(names[0]).dtype
-            data = {k: by_checkpoint[k].to(dtype) if k in by_checkpoint else f.get_tensor(k) for k in names}
-        save_file({k: v.contiguous() for k, v in data.items()}, out / shard, metadata={"format": "pt"})
-    if (base / "model.safetensors.index.json").is_file():
-        shutil.copy2(base / "model.safetensors.index.json", out / "model.safetensors.index.json")
 
 
 def _write_adapter(tensors: dict[str, torch.Tensor], model_config: ModelConfig, out: Path) -> None:
@@ -193,7 +232,7 @@ def write_hf_directory(
             )  # an adapter dir must not look like a full model
             _write_adapter(tensors, model_config, tmp_path)
         else:
-            _write_full_model(tensors, base, tmp_path)
+            write_merged_shards(base, tmp_path, {checkpoint_name(n): t for n, t in tensors.items()})
         (tmp_path / FL_RECORD).write_text(json.dumps(fl_record(model_config), indent=2) + "\n")
     return Path(out)
 

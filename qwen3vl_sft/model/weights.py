@@ -64,12 +64,17 @@ def name_differences(got, expected) -> tuple[list[str], list[str]]:
     return sorted(got - expected), sorted(expected - got)
 
 
-def load_exchanged(model, weights: Mapping[str, torch.Tensor]) -> None:
-    """Copy received tensors into the model, strictly by name: every key must be one the model exchanges."""
+def require_weights(weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an empty received model: FedAvg's aggregate of a round that every site failed."""
     if not weights:
         raise WeightsError(
             "received an empty model: every site failed the previous round or the server lost its model"
         )
+
+
+def load_exchanged(model, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy received tensors into the model, strictly by name: every key must be one the model exchanges."""
+    require_weights(weights)
     unknown, missing = name_differences(weights, exchanged_names(model))
     if unknown or missing:
         raise WeightsError(

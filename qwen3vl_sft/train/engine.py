@@ -137,6 +137,14 @@ def bad_share_lower_bound(bad: int, seen: int, z: float = 3.0) -> float:
     return max(0.0, (centre - margin) / (1 + z2 / seen))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and world size: the process group's once one exists, else torchrun's
+    environment (``RANK``, ``WORLD_SIZE``; read before the group is created), else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 TORCHRUN_VARS = (
     "RANK",
     "LOCAL_RANK",
@@ -290,10 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if data_cfg.eval_data_path:
         scores = evaluate_file(engine.model, engine.processor, data_cfg, data_cfg.eval_data_path)
         print("eval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
-    if (
-        train_cfg.save_model
-        and int(torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0
-    ):
+    if train_cfg.save_model and rank_and_world()[0] == 0:
         engine.model.save_pretrained(train_cfg.output_dir)
         engine.processor.save_pretrained(train_cfg.output_dir)
         print(f"Model saved to {train_cfg.output_dir}")

@@ -45,10 +45,11 @@ import torch
 
 from ..config import DataConfig, replace
 from ..data.samples import resolve_image_root
+from ..model.checkpoints import base_model_dir, read_tensors, safetensors_shards, write_merged_shards
 from ..model.modeling import resolve_attention
-from ..model.weights import WeightsError, checkpoint_name, exchanged_names, meta_model
+from ..model.weights import WeightsError, checkpoint_name, exchanged_names, meta_model, require_weights
 from . import official_launch
-from .engine import TORCHRUN_VARS, RoundResult, SFTConfig
+from .engine import TORCHRUN_VARS, RoundResult, SFTConfig, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -189,18 +190,16 @@ def choose_mode(requested: str, env: Environment) -> tuple[str, str]:
 
 
 def local_checkpoint(model_name_or_path: str) -> Path:
-    """A local directory holding the base checkpoint (a hub id is resolved through the HF cache)."""
-    path = Path(model_name_or_path).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    from huggingface_hub import snapshot_download
-
+    """The base checkpoint as a local directory with safetensors shards (a hub id through the HF cache)."""
     try:
-        return Path(snapshot_download(model_name_or_path))
+        source = base_model_dir(model_name_or_path).resolve()
+        safetensors_shards(source)
     except (OSError, ValueError) as err:
         raise OfficialBackendError(
-            f"--model_name_or_path {model_name_or_path}: not a directory and not downloadable ({err})"
+            f"--model_name_or_path {model_name_or_path}: not a checkpoint directory with safetensors shards "
+            f"and not downloadable ({err})"
         ) from err
+    return source
 
 
 def checkpoint_model_type(checkpoint: Path) -> str:
@@ -229,63 +228,20 @@ def model_dir_for(parent: Path, model_type: str) -> Path:
     return path
 
 
-def _write_shard(src: Path, dst: Path, pending: dict[str, torch.Tensor]) -> None:
-    """Copy one safetensors file with the tensors in ``pending`` (checkpoint names) replaced."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src), framework="pt") as f:
-        keys = list(f.keys())
-        if not pending.keys() & set(keys):
-            os.symlink(src.resolve(), dst)  # untouched shard: no need to copy gigabytes
-            return
-        tensors = {}
-        for key in keys:
-            tensor = f.get_tensor(key)
-            if key in pending:
-                new = pending.pop(key)
-                if tuple(new.shape) != tuple(tensor.shape):
-                    raise WeightsError(
-                        f"{key}: received shape {tuple(new.shape)}, checkpoint has {tuple(tensor.shape)}"
-                    )
-                tensor = new.to(dtype=tensor.dtype).contiguous()  # keep the checkpoint's dtype, lossless
-            tensors[key] = tensor
-        metadata = {**(f.metadata() or {}), "format": "pt"}
-    save_file(tensors, str(dst), metadata=metadata)
-
-
 def write_model_dir(source: Path, dest: Path, weights: Mapping[str, torch.Tensor]) -> None:
-    """``source``'s config/tokenizer/processor files and safetensors, with ``weights`` merged in.
-
-    ``weights`` are keyed by checkpoint name; every one must land in some shard.
-    """
-    shards = sorted(source.glob("*.safetensors"))
-    if not shards:
-        raise OfficialBackendError(f"{source} has no *.safetensors files to merge received weights into")
+    """``source``'s config/tokenizer/processor files and safetensors, with ``weights`` (keyed by checkpoint
+    name) merged in; untouched shards are symlinked (the round's input lives no longer than its base)."""
     dest.mkdir(parents=True)
     for item in source.iterdir():
         if item.is_file() and not item.name.endswith(_NON_WEIGHT_SUFFIXES):
             shutil.copyfile(item, dest / item.name)
-    pending = dict(weights)
-    for shard in shards:
-        _write_shard(shard, dest / shard.name, pending)
-    if pending:
-        raise WeightsError(
-            f"{len(pending)} received tensors are not in {source} (e.g. {sorted(pending)[:3]})"
-        )
+    write_merged_shards(source, dest, weights, link_unchanged=True)
 
 
 def read_exchanged(output_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """The exchanged tensors from the safetensors files in ``output_dir``, in their saved dtype, on CPU
     (no model load)."""
-    from safetensors import safe_open
-
-    wanted = {checkpoint_name(name): name for name in names}
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(output_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in set(f.keys()) & wanted.keys():
-                found[wanted[key]] = f.get_tensor(key).contiguous()
+    found = read_tensors(sorted(output_dir.glob("*.safetensors")), {checkpoint_name(n): n for n in names})
     missing = [name for name in names if name not in found]
     if missing:
         raise OfficialBackendError(
@@ -437,12 +393,6 @@ def round_metrics(state_path: Path, seconds: float, global_batch: int, max_sampl
     return metrics
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -556,7 +506,7 @@ class OfficialBackend:
         The round starts from the base checkpoint with the previous round's result and then
         ``initial_weights`` (exchanged names; a subset is fine) merged in.
         """
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         if self.mode == "subprocess" and world > 1:
             raise OfficialBackendError(
                 "subprocess mode starts its own torchrun: call it from one process only"
@@ -585,10 +535,8 @@ class OfficialBackend:
 
     def _prepare(self, paths: RoundPaths, initial_weights: Mapping[str, torch.Tensor] | None) -> None:
         """Empty the work dir and write the round's input model, launch spec and launcher."""
-        if initial_weights is not None and not initial_weights:
-            raise WeightsError(
-                "received an empty model: every site failed the previous round or the server lost its model"
-            )
+        if initial_weights is not None:
+            require_weights(initial_weights)
         unknown = sorted(set(initial_weights or {}) - set(self.names))
         if unknown:
             raise WeightsError(
