@@ -13,7 +13,7 @@ qwen3vl_sft.fl.client.run_site: receive -> load -> validate -> train -> send. Wi
 
 from qwen3vl_sft.config import BackendConfig, DataConfig, ExchangeConfig, ModelConfig, TrainConfig, parse
 from qwen3vl_sft.fl.client import run_site, setup_logging
-from qwen3vl_sft.train.engine import SFTConfig
+from qwen3vl_sft.train.engine import RunConfig
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
         (ModelConfig, DataConfig, TrainConfig, BackendConfig, ExchangeConfig), argv, description=__doc__
     )
     setup_logging()
-    run_site(SFTConfig(model=model, data=data, train=train), backend, exchange)
+    run_site(RunConfig(model=model, data=data, train=train), backend, exchange)
 
 
 if __name__ == "__main__":

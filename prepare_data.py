@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 
 from qwen3vl_sft.config import PrepareDataConfig, parse
-from qwen3vl_sft.data.prepare import report, run
+from qwen3vl_sft.data.prepare import prepare_shards, report
 from qwen3vl_sft.data.sharding import InterruptedAfterPublish
 from qwen3vl_sft.errors import DataError
 
@@ -30,7 +30,7 @@ from qwen3vl_sft.errors import DataError
 def main(argv: list[str] | None = None) -> int:
     try:
         (cfg,) = parse((PrepareDataConfig,), argv, description=__doc__)
-        manifest = run(cfg)
+        manifest = prepare_shards(cfg)
     except DataError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -158,7 +158,7 @@ def build_inputs(args, work: Path) -> tuple[Path, Path]:
 
 def sft_config(args, model_dir: Path, data_file: Path, work: Path, workers: int):
     from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
-    from qwen3vl_sft.train.engine import SFTConfig
+    from qwen3vl_sft.train.engine import RunConfig
 
     train = TrainConfig(
         output_dir=str(work / "out"), learning_rate=5e-4, per_device_train_batch_size=args.batch_size,
@@ -166,7 +166,7 @@ def sft_config(args, model_dir: Path, data_file: Path, work: Path, workers: int)
         torch_threads=args.torch_threads,
     )  # fmt: skip
     data = DataConfig(data_path=str(data_file), dataloader_num_workers=workers)
-    return SFTConfig(model=ModelConfig(model_name_or_path=str(model_dir)), data=data, train=train)
+    return RunConfig(model=ModelConfig(model_name_or_path=str(model_dir)), data=data, train=train)
 
 
 class Bench:

@@ -72,12 +72,12 @@ def shards(work: Path, sites: int) -> Path:
     """A few synthetic records per site: job.py checks each site's train.json; the bench site reads none."""
     from qwen3vl_sft.config import PrepareDataConfig
     from qwen3vl_sft.data import synthetic
-    from qwen3vl_sft.data.prepare import run as prepare
+    from qwen3vl_sft.data.prepare import prepare_shards
 
     out = work / f"shards-{sites}"
     if not (out / "manifest.json").is_file():
         data = synthetic.generate(work / "data", synthetic.SyntheticSpec(num_records=20 * sites))
-        prepare(PrepareDataConfig(data_file=str(data), output_dir=str(out), num_clients=sites))
+        prepare_shards(PrepareDataConfig(data_file=str(data), output_dir=str(out), num_clients=sites))
     return out
 
 

@@ -241,7 +241,7 @@ def federated_data(work: Path, records: int) -> Path:
     """Synthetic PubMedVision-format records sharded over 2 sites (train + val each, a test.json)."""
     from qwen3vl_sft.config import PrepareDataConfig
     from qwen3vl_sft.data import synthetic
-    from qwen3vl_sft.data.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import prepare_shards
 
     data_file = synthetic.ensure(work / "synth", synthetic.SyntheticSpec(num_records=records))
     out = work / "data"

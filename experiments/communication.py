@@ -31,9 +31,8 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package lives at the repo root
@@ -46,6 +45,7 @@ from qwen3vl_sft.config import (  # noqa: E402
     ModelConfig,
     PrepareDataConfig,
     TrainConfig,
+    option,
     parse,
 )
 
@@ -62,27 +62,25 @@ MODES: dict[str, tuple[dict, dict]] = {  # name -> (ModelConfig changes, Exchang
 }
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class CommunicationConfig:
-    work_dir: str = _f("/tmp/qwen3vl_communication", "Where data, jobs, results.json and the PNG go.")
-    modes: str = _f(",".join(MODES), f"Comma-separated modes out of {', '.join(MODES)}.")
-    learning_rates: str = _f("1e-5,1e-3", "Comma-separated learning rates (1e-5: where bf16 weights break).")
-    num_sites: int = _f(3, "Sites (IID shards).")
-    num_rounds: int = _f(6, "FedAvg rounds per job.")
-    max_steps: int = _f(40, "Steps per site per round.")
-    batch_size: int = _f(8, "Samples per step.")
-    num_records: int = _f(1500, "Synthetic records (as the demo).")
-    master_port_base: int = _f(31500, "torchrun ports of the sites (site-i: base + i - 1).")
+    work_dir: str = option("/tmp/qwen3vl_communication", "Where data, jobs, results.json and the PNG go.")
+    modes: str = option(",".join(MODES), f"Comma-separated modes out of {', '.join(MODES)}.")
+    learning_rates: str = option(
+        "1e-5,1e-3", "Comma-separated learning rates (1e-5: where bf16 weights break)."
+    )
+    num_sites: int = option(3, "Sites (IID shards).")
+    num_rounds: int = option(6, "FedAvg rounds per job.")
+    max_steps: int = option(40, "Steps per site per round.")
+    batch_size: int = option(8, "Samples per step.")
+    num_records: int = option(1500, "Synthetic records (as the demo).")
+    master_port_base: int = option(31500, "torchrun ports of the sites (site-i: base + i - 1).")
 
 
 def build_data(exp: CommunicationConfig, work: Path) -> tuple[Path, Path]:
     """(tiny model dir, shard dir): built once, reused by every job."""
     from qwen3vl_sft.data import synthetic
-    from qwen3vl_sft.data.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import prepare_shards
     from qwen3vl_sft.model import tiny
 
     model_dir = tiny.ensure(work / "qwen3-vl-tiny")

@@ -160,7 +160,7 @@ def split_data(exp: ExperimentConfig, data_file: Path, data_dir: Path) -> tuple[
     modality split cannot help (quadrants do not follow modality), so it is split once.
     Returns (manifest, coverage); the seed used is the manifest's ``config.seed``.
     """
-    from qwen3vl_sft.data.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import prepare_shards
 
     tries = 1 if exp.split == "modality" else SPLIT_SEED_TRIES
     for seed in range(exp.data_seed, exp.data_seed + tries):
@@ -280,10 +280,10 @@ def train_alone(model_dir: Path, data_path: Path, train: TrainConfig, steps: int
     """One SFT run of ``steps`` steps (one cosine schedule, as FL spreads one over its rounds), saved as
     an HF directory in ``out``; returns its seconds."""
     from qwen3vl_sft.config import DataConfig, ModelConfig
-    from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
+    from qwen3vl_sft.train.engine import RunConfig, SFTEngine
 
     start = time.monotonic()
-    config = SFTConfig(
+    config = RunConfig(
         ModelConfig(model_name_or_path=str(model_dir)),
         DataConfig(data_path=str(data_path), **DEMO_DATA),
         dataclasses.replace(train, max_steps=steps, output_dir=str(out)),

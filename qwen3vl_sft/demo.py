@@ -37,7 +37,7 @@ DEMO_RECORDS = 1500
 
 def prepare_demo(job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig):
     """Build the tiny model and data if missing, shard the data, return the demo's configs."""
-    from .data.prepare import run as prepare_shards
+    from .data.prepare import prepare_shards
 
     model_dir = tiny.ensure(DEMO_DIR / "qwen3-vl-tiny")
     data_file = synthetic.ensure(

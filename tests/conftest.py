@@ -93,7 +93,7 @@ HELD_OUT_RECORDS = 40
 def shards(synth_file, tmp_path_factory) -> Path:
     """synth_file split over 3 sites by prepare_data (the FL tests' data; tests copy it to change it)."""
     from qwen3vl_sft.config import PrepareDataConfig
-    from qwen3vl_sft.data.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import prepare_shards
 
     out = tmp_path_factory.mktemp("shards")
     prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=3))
@@ -128,10 +128,10 @@ def tiny_finetuned_dir(tiny_model_dir, synth_dir, synth_split, tmp_path_factory)
     the untrained base on held-out loss, ROUGE-L and exact match; not enough to read the images well.
     """
     from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
-    from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
+    from qwen3vl_sft.train.engine import RunConfig, SFTEngine
 
     out = tmp_path_factory.mktemp("models") / "qwen3-vl-tiny-sft"
-    config = SFTConfig(
+    config = RunConfig(
         ModelConfig(model_name_or_path=str(tiny_model_dir)),
         DataConfig(data_path=str(synth_split[0]), image_root=str(synth_dir), dataloader_num_workers=0),
         TrainConfig(
@@ -166,7 +166,7 @@ def realistic_dir(tmp_path_factory) -> Path:
 def realistic_shards(realistic_dir, tmp_path_factory) -> Path:
     """realistic_dir split over 2 sites by prepare_data (with its val.json and test.json)."""
     from qwen3vl_sft.config import PrepareDataConfig
-    from qwen3vl_sft.data.prepare import run as prepare_shards
+    from qwen3vl_sft.data.prepare import prepare_shards
 
     out = tmp_path_factory.mktemp("realistic_shards")
     data_file = realistic_dir / synthetic.DATA_FILE_NAME

@@ -223,9 +223,9 @@ def test_job_exit_status_is_1_with_one_line_on_stderr(site_dirs, tmp_path):
 
 def site_runner(model_dir, data_path):
     from qwen3vl_sft.fl.client import SiteRunner
-    from qwen3vl_sft.train.engine import SFTConfig
+    from qwen3vl_sft.train.engine import RunConfig
 
-    config = SFTConfig(
+    config = RunConfig(
         model=ModelConfig(model_name_or_path=str(model_dir)), data=DataConfig(data_path=str(data_path))
     )
     return SiteRunner(config, "site-1", 0)

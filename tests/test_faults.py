@@ -394,9 +394,9 @@ def test_too_few_sites_stop_the_job_without_saving(tiny_model_dir, tmp_path):
 def test_a_site_refuses_an_empty_global_model(tiny_model_dir):
     from qwen3vl_sft.fl.client import SiteRunner
     from qwen3vl_sft.model.weights import WeightsError
-    from qwen3vl_sft.train.engine import SFTConfig
+    from qwen3vl_sft.train.engine import RunConfig
 
-    runner = SiteRunner(SFTConfig(model=ModelConfig(model_name_or_path=str(tiny_model_dir))), "site-1", 0)
+    runner = SiteRunner(RunConfig(model=ModelConfig(model_name_or_path=str(tiny_model_dir))), "site-1", 0)
     with pytest.raises(WeightsError, match="site-1 received an empty global model in round 2.*--resume"):
         runner.round({}, current_round=2, total_rounds=3)
     assert runner.engine is None  # refused before loading anything

@@ -8,7 +8,7 @@ from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
 from qwen3vl_sft.fl.client import SiteRunner
 from qwen3vl_sft.model.modeling import load_model
 from qwen3vl_sft.model.weights import exchanged_state
-from qwen3vl_sft.train.engine import SFTConfig
+from qwen3vl_sft.train.engine import RunConfig
 
 
 def test_validation_scores_the_received_global_model_not_the_sites_last_local_one(
@@ -17,7 +17,7 @@ def test_validation_scores_the_received_global_model_not_the_sites_last_local_on
     """Bug fixed here: with the model kept between rounds, validation ran before the received weights
     were loaded, so from round 1 on val_* scored the site's own locally trained model."""
     train_file, held_out = synth_split
-    config = SFTConfig(
+    config = RunConfig(
         ModelConfig(model_name_or_path=str(tiny_model_dir)),
         DataConfig(
             data_path=str(train_file),

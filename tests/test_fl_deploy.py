@@ -13,7 +13,7 @@ from ports import free_port_base
 
 import job as job_script
 from qwen3vl_sft.config import PrepareDataConfig
-from qwen3vl_sft.data.prepare import run as prepare_shards
+from qwen3vl_sft.data.prepare import prepare_shards
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from PIL import Image
 from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
 from qwen3vl_sft.data.samples import SampleBuilder, SkipSample, build_dataset
 from qwen3vl_sft.errors import DataError
-from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
+from qwen3vl_sft.train.engine import RunConfig, SFTEngine
 
 
 def record(image: str, rid: str) -> dict:
@@ -126,8 +126,8 @@ def test_screen_keeps_the_first_n_usable_records_and_logs_each_skip(processor, r
     assert "Skipping record: record 'bad-1': image" in caplog.text
 
 
-def sft_config(tiny_model_dir, data_file, root, tmp_path, fraction: float) -> SFTConfig:
-    return SFTConfig(
+def sft_config(tiny_model_dir, data_file, root, tmp_path, fraction: float) -> RunConfig:
+    return RunConfig(
         ModelConfig(model_name_or_path=str(tiny_model_dir)),
         DataConfig(
             data_path=str(data_file),

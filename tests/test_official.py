@@ -30,7 +30,7 @@ from qwen3vl_sft.fl.client import SiteRunner, validate_weights
 from qwen3vl_sft.model import tiny
 from qwen3vl_sft.model.weights import exchanged_names, meta_model
 from qwen3vl_sft.train import official_launch
-from qwen3vl_sft.train.engine import SFTConfig
+from qwen3vl_sft.train.engine import RunConfig
 from qwen3vl_sft.train.official import (
     Environment,
     OfficialBackend,
@@ -64,9 +64,9 @@ def site_data(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def config(tiny_model, site_data) -> SFTConfig:
+def config(tiny_model, site_data) -> RunConfig:
     train_json, image_root = site_data
-    return SFTConfig(
+    return RunConfig(
         model=ModelConfig(
             model_name_or_path=str(tiny_model), dtype="float32"
         ),  # same flags with or without CUDA
@@ -333,12 +333,12 @@ def test_failing_child_raises_with_the_log_path(config, tmp_path):
 def test_missing_or_wrong_clone_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.delenv("QWEN3VL_ROOT", raising=False)
     with pytest.raises(OfficialBackendError) as err:
-        OfficialBackend(SFTConfig())
+        OfficialBackend(RunConfig())
     assert "QWEN3VL_ROOT" in str(err.value) and "--qwen3vl_root" in str(err.value)
     assert "\n" not in str(err.value)
     monkeypatch.setenv("QWEN3VL_ROOT", str(tmp_path))
     with pytest.raises(OfficialBackendError, match=f"{tmp_path} is not a clone of QwenLM/Qwen3-VL"):
-        OfficialBackend(SFTConfig())
+        OfficialBackend(RunConfig())
 
 
 def test_incompatible_environment_names_the_failing_imports(config, tmp_path):

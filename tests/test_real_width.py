@@ -21,7 +21,7 @@ from qwen3vl_sft.fl.client import SiteRunner
 from qwen3vl_sft.model import tiny
 from qwen3vl_sft.model.checkpoints import initial_exchanged, write_hf_directory
 from qwen3vl_sft.model.weights import exchanged_tensors, message_bytes, meta_model
-from qwen3vl_sft.train.engine import SFTConfig
+from qwen3vl_sft.train.engine import RunConfig
 
 HIDDEN, VOCAB, MLP, Q_OUT, KV_OUT, HEAD_DIM = 2048, 151936, 6144, 16 * 128, 8 * 128, 128
 VISION_HIDDEN, MERGED = 1024, 1024 * 4  # 2x2 patches merged into one token before the mergers
@@ -105,7 +105,7 @@ def test_full_sft_round_at_real_width_sends_the_exact_tensors_and_exports_a_load
     assert shapes_of(initial) == expected and {t.dtype for t in initial.values()} == {torch.bfloat16}
 
     site = realistic_shards / "site-1"
-    config = SFTConfig(
+    config = RunConfig(
         model_config,
         DataConfig(data_path=str(site / "train.json"), eval_data_path=str(site / "val.json"),
                    dataloader_num_workers=0, val_max_new_tokens=4),  # generating at 151,936 tokens is slow

@@ -11,18 +11,18 @@ from qwen3vl_sft.config import DataConfig, ModelConfig, TrainConfig
 from qwen3vl_sft.model.modeling import load_model
 from qwen3vl_sft.model.weights import WeightsError, exchanged_names, load_exchanged
 from qwen3vl_sft.train import engine as train_mod
-from qwen3vl_sft.train.engine import SFTConfig, SFTEngine
+from qwen3vl_sft.train.engine import RunConfig, SFTEngine
 
 MERGERS = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
 
 
-def config(model_dir, data_file, tmp_path, **overrides) -> SFTConfig:
+def config(model_dir, data_file, tmp_path, **overrides) -> RunConfig:
     model = ModelConfig(model_name_or_path=str(model_dir), **overrides.pop("model", {}))
     train_args = {"output_dir": str(tmp_path / "out"), "learning_rate": 1e-3, "per_device_train_batch_size": 8,
                   "max_steps": 6, "logging_steps": 100, "disable_progress_bar": True, **overrides.pop("train", {})}  # fmt: skip
     train = TrainConfig(**train_args)
     data = DataConfig(data_path=str(data_file), dataloader_num_workers=0)
-    return SFTConfig(model=model, data=data, train=train)
+    return RunConfig(model=model, data=data, train=train)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_short_round_lowers_loss_and_changes_exactly_the_trainable_tensors(
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in first.weights.values())
 
 
-def trained_change(cfg: SFTConfig) -> tuple[torch.Tensor, SFTEngine]:
+def trained_change(cfg: RunConfig) -> tuple[torch.Tensor, SFTEngine]:
     """The change of every exchanged tensor over one round, flattened into one fp32 vector."""
     engine = SFTEngine(cfg)
     before = {n: t.float() for n, t in engine.weights().items()}

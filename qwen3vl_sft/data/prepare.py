@@ -1,6 +1,6 @@
 """prepare_data's logic: PubMedVision (local file or Hub split, image zips) -> per-site shards.
 
-    python prepare_data.py --help      # the command line around :func:`run`
+    python prepare_data.py --help      # the command line around :func:`prepare_shards`
 
 Kept in the package so job.py --demo and the tests shard data the same way the script does.
 
@@ -149,7 +149,7 @@ def check_paths(cfg: PrepareDataConfig, data_file: str, image_root: str) -> None
         )
 
 
-def run(cfg: PrepareDataConfig) -> dict:
+def prepare_shards(cfg: PrepareDataConfig) -> dict:
     """Prepare the shards described by ``cfg``; returns the manifest.  Raises DataError on bad input."""
     check_config(cfg)
     data_file = cfg.data_file or download_split(cfg.split_name)

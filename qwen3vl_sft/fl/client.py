@@ -34,7 +34,7 @@ import torch
 
 from ..config import BackendConfig, DataConfig, ExchangeConfig, site_local_paths
 from ..model.weights import WeightsError
-from ..train.engine import RoundResult, SFTConfig, SFTEngine, rank_and_world
+from ..train.engine import RoundResult, RunConfig, SFTEngine, rank_and_world
 from .exchange import SiteExchange
 
 logger = logging.getLogger("qwen3vl_sft.client")
@@ -93,7 +93,7 @@ def validate(model, processor, data: DataConfig) -> dict[str, float]:
     return metrics
 
 
-def validate_weights(config: SFTConfig, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+def validate_weights(config: RunConfig, weights: dict[str, torch.Tensor]) -> dict[str, float]:
     """:func:`validate` of the base checkpoint with ``weights`` loaded, for a backend whose rounds run
     elsewhere (the official one); the model is freed before returning, so training gets the memory."""
     if not config.data.eval_data_path:
@@ -151,7 +151,7 @@ class SiteRunner:
 
     def __init__(
         self,
-        config: SFTConfig,
+        config: RunConfig,
         site: str,
         rank: int,
         backend: BackendConfig | None = None,
@@ -197,7 +197,7 @@ class SiteRunner:
 
 
 def run_site(
-    config: SFTConfig, backend: BackendConfig | None = None, exchange: ExchangeConfig | None = None
+    config: RunConfig, backend: BackendConfig | None = None, exchange: ExchangeConfig | None = None
 ) -> None:
     """The client loop (numbered steps in the module docstring)."""
     import nvflare.client as flare

@@ -33,7 +33,7 @@ from ..config import (
     is_site_local,
     to_flags,
 )
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ..fileio import atomic_path, check_writable
 from .console_view import TAG_PREFIX
 from .watch import failure_line, read_failure
@@ -58,7 +58,7 @@ SITE_EXIT_SECONDS = 30.0  # NVFlare's own session-control timeout (nvflare.clien
 
 def site_names(n_clients: int) -> list[str]:
     if n_clients <= 0:
-        raise DataError(f"--n_clients must be at least 1, got {n_clients}")
+        raise UsageError(f"--n_clients must be at least 1, got {n_clients}")
     return [f"site-{i}" for i in range(1, n_clients + 1)]
 
 
@@ -72,22 +72,24 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
                     "--gradient_accumulation_steps": train.gradient_accumulation_steps}  # fmt: skip
     for flag, value in at_least_one.items():
         if value < 1:
-            raise DataError(f"{flag} must be at least 1, got {value}")
+            raise UsageError(f"{flag} must be at least 1, got {value}")
     if not 0 <= job.min_clients <= job.n_clients:
-        raise DataError(f"--min_clients must be between 0 (all sites) and --n_clients {job.n_clients}, "
+        raise UsageError(f"--min_clients must be between 0 (all sites) and --n_clients {job.n_clients}, "
                         f"got {job.min_clients}")  # fmt: skip
     if not 1024 <= job.master_port_base <= MAX_PORT - job.n_clients:
-        raise DataError(
+        raise UsageError(
             f"--master_port_base must be in 1024..{MAX_PORT - job.n_clients}, got {job.master_port_base}"
         )
     if train.max_steps == 0 or train.max_steps < -1:
-        raise DataError(f"--max_steps must be a positive step count or -1 (one epoch), got {train.max_steps}")
+        raise UsageError(
+            f"--max_steps must be a positive step count or -1 (one epoch), got {train.max_steps}"
+        )
     if train.max_steps == -1 and train.num_train_epochs <= 0:
-        raise DataError(
+        raise UsageError(
             f"--num_train_epochs must be > 0 when --max_steps is -1, got {train.num_train_epochs}"
         )
     if not train.learning_rate > 0:
-        raise DataError(f"--learning_rate must be > 0, got {train.learning_rate}")
+        raise UsageError(f"--learning_rate must be > 0, got {train.learning_rate}")
     if job.gpu:
         gpu_groups(job, 0)  # the syntax and group count; GPU ids are the machine's to check
     if job.export_dir:
@@ -96,14 +98,14 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
         check_writable(job.workspace, "--workspace")  # prod: where the job's result is fetched to
     if job.env == "prod" and not job.export_dir:
         if not job.startup_kit:
-            raise DataError(
+            raise UsageError(
                 "--env prod needs --startup_kit: the admin's startup kit folder from 'nvflare provision'"
             )
         from .prod import admin_user
 
         admin_user(job.startup_kit)  # the kit's admin config is readable
         if job.gpu:
-            raise DataError("--gpu is for this machine's sites (sim, PoC); with --env prod a site's GPUs are the "
+            raise UsageError("--gpu is for this machine's sites (sim, PoC); with --env prod a site's GPUs are the "
                             "CUDA_VISIBLE_DEVICES of the environment that starts its kit")  # fmt: skip
 
 
@@ -117,14 +119,16 @@ def gpu_groups(job: JobConfig, cuda_devices: int) -> list[list[int]] | None:
             for i in range(job.n_clients)
         ]
     if not re.fullmatch(r"\s*\[\s*\d+(\s*,\s*\d+)*\s*\](\s*,\s*\[\s*\d+(\s*,\s*\d+)*\s*\])*\s*", job.gpu):
-        raise DataError(
+        raise UsageError(
             f'--gpu {job.gpu!r} is malformed: use one bracketed list per site, e.g. "[0],[1],[2]"'
         )
     groups = [[int(x) for x in g.split(",")] for g in re.findall(r"\[([^\]]*)\]", job.gpu)]
     if len(groups) != job.n_clients:
-        raise DataError(f"--gpu {job.gpu!r} has {len(groups)} groups but --n_clients is {job.n_clients}")
+        raise UsageError(f"--gpu {job.gpu!r} has {len(groups)} groups but --n_clients is {job.n_clients}")
     if any(len(g) != job.nproc_per_client for g in groups):
-        raise DataError(f"--gpu {job.gpu!r}: each group needs --nproc_per_client={job.nproc_per_client} GPUs")
+        raise UsageError(
+            f"--gpu {job.gpu!r}: each group needs --nproc_per_client={job.nproc_per_client} GPUs"
+        )
     return groups
 
 
@@ -282,8 +286,8 @@ def resume_checkpoint(job: JobConfig) -> str | None:
 
     The simulator clears ``<workspace>/<job>`` when it starts, so the checkpoint (and the state file)
     are first copied, atomically, to ``<workspace>/resume/<job>/``. That copy is a candidate too: a
-    resumed run killed before it saved a round leaves nothing under ``<workspace>/<job>`` (fault test
-    fix: the copy used to be ignored, so a second --resume found "nothing to resume").
+    resumed run killed before it saved a round leaves nothing under ``<workspace>/<job>``, and the next
+    --resume must still find the last round (the newest of all candidates wins).
     """
     if not job.resume:
         return None
@@ -308,9 +312,9 @@ def resume_checkpoint(job: JobConfig) -> str | None:
 def completed_rounds(checkpoint: str | os.PathLike | None) -> int:
     """Rounds already done by the run that wrote ``checkpoint``.
 
-    Read from the checkpoint itself: its meta round is written in the same atomic rename as the weights
-    (fault test fix: fl_state.json is written after global_model_hf/, so a kill between the two left it
-    a round behind the weights and --resume trained that round twice). fl_state.json is the fallback.
+    Read from the checkpoint itself: its meta round is written in the same atomic rename as the weights,
+    whereas fl_state.json is written after global_model_hf/, so a kill between the two leaves the state
+    file a round behind the weights (trusting it would train that round twice). It is the fallback.
     """
     if checkpoint is None:
         return 0
@@ -327,8 +331,8 @@ def completed_rounds(checkpoint: str | os.PathLike | None) -> int:
 
 
 def check_model(model: ModelConfig) -> None:
-    """Refuse a local --model_name_or_path that is not Qwen3-VL before the job starts (fault test fix:
-    it used to start, then the server failed inside NVFlare). Hub ids are checked where they load."""
+    """Refuse a local --model_name_or_path that is not Qwen3-VL before the job starts, in one line:
+    started, the job would fail inside NVFlare's server. Hub ids are checked where they load."""
     if not os.path.isdir(model.model_name_or_path):
         return
     from ..model.modeling import ModelError, model_class

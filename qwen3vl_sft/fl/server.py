@@ -191,7 +191,7 @@ class GlobalModelPersistor(_persistor_base()):
 
     def _log_contributions(self, fl_ctx) -> None:
         """One line per round naming the sites averaged in and the sites left out (failed, died, sent
-        nothing). Fault test fix: NVFlare's own warning names a dead site but says "at round None"."""
+        nothing): NVFlare's own warning names a dead site but says "at round None"."""
         from nvflare.app_common.aggregators.weighted_aggregation_helper import AggregationStatsKey
         from nvflare.app_common.app_constant import AppConstants
 

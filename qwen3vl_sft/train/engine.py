@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig:
-    """Everything one fine-tuning run needs."""
+class RunConfig:
+    """Everything one fine-tuning run needs: the model, data and training flags, parsed once (the input
+    of :class:`SFTEngine` and of the official backend)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,7 +170,7 @@ def leave_single_process_torchrun() -> None:
             os.environ.pop(name, None)
 
 
-def training_arguments(config: SFTConfig) -> TrainingArguments:
+def training_arguments(config: RunConfig) -> TrainingArguments:
     """Map our TrainConfig onto HF TrainingArguments (nothing is checkpointed mid-round)."""
     t, cuda = config.train, torch.cuda.is_available()
     dtype = resolve_dtype(config.model.dtype, cuda)
@@ -205,7 +206,7 @@ def training_arguments(config: SFTConfig) -> TrainingArguments:
 class SFTEngine:
     """A loaded model + processor + site data set that can run rounds of SFT."""
 
-    def __init__(self, config: SFTConfig, callbacks: tuple = ()):
+    def __init__(self, config: RunConfig, callbacks: tuple = ()):
         self.config = config
         self.callbacks = list(callbacks)  # HF TrainerCallbacks for every round (fl.console's progress)
         if config.train.torch_threads > 0:
@@ -272,7 +273,7 @@ class SFTEngine:
 
 
 def train(
-    config: SFTConfig, initial_weights: dict[str, torch.Tensor] | None = None, **round_kw
+    config: RunConfig, initial_weights: dict[str, torch.Tensor] | None = None, **round_kw
 ) -> RoundResult:
     """Load, optionally apply ``initial_weights`` (exchanged tensors), train one round/run, return the result."""
     engine = SFTEngine(config)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as err:
         sys.exit(f"error: {err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    engine = SFTEngine(SFTConfig(model_cfg, data_cfg, train_cfg))
+    engine = SFTEngine(RunConfig(model_cfg, data_cfg, train_cfg))
     result = engine.train_round()
     print("train:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})
     if data_cfg.eval_data_path:

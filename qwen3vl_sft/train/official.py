@@ -49,7 +49,7 @@ from ..model.checkpoints import base_model_dir, read_tensors, safetensors_shards
 from ..model.modeling import resolve_attention
 from ..model.weights import WeightsError, checkpoint_name, exchanged_names, meta_model, require_weights
 from . import official_launch
-from .engine import TORCHRUN_VARS, RoundResult, SFTConfig, rank_and_world
+from .engine import TORCHRUN_VARS, RoundResult, RunConfig, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def _flag_value(value) -> str:
 
 
 def upstream_arguments(
-    config: SFTConfig, model_dir: Path, output_dir: Path, dataset: str, env: Environment, attention: str
+    config: RunConfig, model_dir: Path, output_dir: Path, dataset: str, env: Environment, attention: str
 ) -> list[str]:
     """Our config as the command line of upstream's HfArgumentParser (the names of its argument.py)."""
     m, d, t = config.model, config.data, config.train
@@ -401,7 +401,7 @@ def _barrier(world: int) -> None:
 # --------------------------------------------------------------------------- the backend
 
 
-def check_supported(config: SFTConfig) -> list[str]:
+def check_supported(config: RunConfig) -> list[str]:
     """Raise for settings upstream cannot honour; return notes on those it silently does not apply."""
     if config.model.lora:
         raise OfficialBackendError(
@@ -440,7 +440,7 @@ class OfficialBackend:
 
     def __init__(
         self,
-        config: SFTConfig,
+        config: RunConfig,
         root: str | None = None,
         python: str | None = None,
         work_dir: str | os.PathLike | None = None,
@@ -595,7 +595,7 @@ def site_work_dir(work_dir: str, site: str) -> Path:
     return Path(work_dir or os.getcwd()).expanduser().resolve() / site
 
 
-def from_config(config: SFTConfig, opts, site: str = "") -> OfficialBackend:
+def from_config(config: RunConfig, opts, site: str = "") -> OfficialBackend:
     """The backend described by a :class:`~qwen3vl_sft.config.BackendConfig`, for ``site`` if given."""
     return OfficialBackend(
         config,
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
         (ModelConfig, DataConfig, TrainConfig, BackendConfig), argv, description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    backend = from_config(SFTConfig(model_cfg, data_cfg, train_cfg), opts)
+    backend = from_config(RunConfig(model_cfg, data_cfg, train_cfg), opts)
     result = backend.train_round()
     print("train:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})
     print(f"Trained model (upstream's output): {backend.paths(0).output}")
