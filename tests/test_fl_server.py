@@ -1,7 +1,11 @@
-"""qwen3vl_sft.fl.server.RoundMemoryRelease on NVFlare's own context, shareables and learnables, fired the
-events FedAvg fires in a round: the result and the replaced global are emptied once spent, nothing else."""
+"""fl.server: the server's global model holds only the exchanged tensors, read from the base checkpoint's
+safetensors by name without building the model (the tiny model); RoundMemoryRelease on NVFlare's own
+context, shareables and learnables, fired the events FedAvg fires in a round: the result and the
+replaced global are emptied once spent, nothing else. Fast."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
@@ -9,8 +13,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
+from safetensors.torch import load_file
 
-from qwen3vl_sft.fl.server import RoundMemoryRelease
+from qwen3vl_sft.config import ModelConfig
+from qwen3vl_sft.fl.server import GlobalModel, RoundMemoryRelease
+from qwen3vl_sft.model.weights import EXCHANGE_DTYPE, exchanged_names, meta_model
 
 
 def shareable(tensors: dict):
@@ -70,3 +77,25 @@ def test_a_round_without_a_task_frees_nothing():
     kept = weights()
     update_global(release, ctx, kept)  # e.g. the first save after a resume, before any task went out
     assert set(kept) == {"w", "b"}
+
+
+def test_the_global_model_is_the_base_checkpoints_exchanged_tensors(tiny_model_dir):
+    config = ModelConfig(model_name_or_path=str(tiny_model_dir))
+    state = GlobalModel(dataclasses.asdict(config)).state_dict()
+    assert sorted(state) == sorted(exchanged_names(meta_model(config)))
+    base = {}
+    for shard in tiny_model_dir.glob("*.safetensors"):
+        base.update(load_file(shard))
+    for name, tensor in state.items():
+        assert tensor.dtype == EXCHANGE_DTYPE
+        assert torch.equal(tensor, base[name].to(EXCHANGE_DTYPE)), name
+
+
+def test_a_lora_global_model_starts_as_a_no_op_adapter(tiny_model_dir):
+    config = ModelConfig(model_name_or_path=str(tiny_model_dir), lora=True, lora_r=4)
+    model = GlobalModel(dataclasses.asdict(config))
+    state = model.state_dict()
+    assert all(t.abs().sum() == 0 for n, t in state.items() if ".lora_B." in n)  # B = 0: no change yet
+    assert any(t.abs().sum() > 0 for n, t in state.items() if ".lora_A." in n)
+    model.load_state_dict({"x": torch.ones(1)})
+    assert list(model.state_dict()) == ["x"]  # what FedAvg hands back replaces the tensors

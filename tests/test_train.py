@@ -179,3 +179,12 @@ def test_the_bad_image_limit_is_judged_beyond_sampling_noise():
     assert (
         bad_share_lower_bound(200, 4000) < 0.05 < bad_share_lower_bound(300, 4000)
     )  # 5 % vs 7.5 %, long round
+
+
+def test_rank_and_world_before_a_process_group_come_from_torchruns_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train_mod.rank_and_world() == (2, 4)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert train_mod.rank_and_world() == (0, 1)  # a plain process
