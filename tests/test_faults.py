@@ -48,11 +48,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fault_hooks import DataOutage, RoundRecorder, round_weights, save_round, standalone_persistor
+from fault_hooks import DataOutage, round_weights, save_round, standalone_persistor
 from ports import free_port_base
 from safetensors.torch import load_file
+from sim_jobs import job_configs, run_sim_job
 
-from qwen3vl_sft.config import DataConfig, ExchangeConfig, JobConfig, ModelConfig, TrainConfig
+from qwen3vl_sft.config import ExchangeConfig, JobConfig, ModelConfig
 from qwen3vl_sft.fl import job as fl_job
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -71,25 +72,13 @@ EXCHANGE = ExchangeConfig(exchange="weights")
 def configs(
     workspace: Path, data_dir: Path, model_dir: Path, n_clients: int, min_clients: int = 0, **data_kw
 ):
-    job = JobConfig(
-        n_clients=n_clients, min_clients=min_clients, num_rounds=3, data_dir=str(data_dir),
-        workspace=str(workspace), master_port_base=free_port_base(n_clients),
-    )  # fmt: skip
-    data = DataConfig(dataloader_num_workers=0, **data_kw)
-    train = TrainConfig(
-        max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, disable_progress_bar=True,
-        torch_threads=1,  # the same on any machine: thread count changes float results
-    )  # fmt: skip
-    return job, ModelConfig(model_name_or_path=str(model_dir)), data, train
+    """Three rounds of two steps, one thread: a resumed run can equal an uninterrupted one bit for bit."""
+    return job_configs(workspace, model_dir, data_dir, n_clients=n_clients, min_clients=min_clients,
+                       num_rounds=3, max_steps=2, torch_threads=1, data_kw=data_kw)  # fmt: skip
 
 
 def run_job(cfg, record_dir: Path, outage: DataOutage | None = None):
-    recipe = fl_job.build_recipe(*cfg, exchange=EXCHANGE)
-    recipe.add_server_file(str(TESTS_DIR / "fault_hooks.py"))
-    recipe.add_server_input_filter(RoundRecorder(str(record_dir)), tasks=["train"])
-    if outage is not None:
-        recipe.add_server_output_filter(outage, tasks=["train"])
-    return fl_job.summarize(cfg[0], recipe.run(fl_job.execution_env(cfg[0], 0)).get_result())
+    return run_sim_job(*cfg, record_dir=record_dir, exchange=EXCHANGE, outage=outage)
 
 
 class SiteKiller(threading.Thread):

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from sim_jobs import job_configs, run_sim_job
 
-from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, TrainConfig
+from qwen3vl_sft.config import ModelConfig
 from qwen3vl_sft.fl import job as fl_job
 from qwen3vl_sft.model.modeling import load_model
 from qwen3vl_sft.model.weights import exchanged_names
 
 pytestmark = pytest.mark.slow
-TESTS_DIR = Path(__file__).resolve().parent
 
 
 def break_site(shards: Path, site: str, into: Path) -> Path:
@@ -35,41 +35,16 @@ def break_site(shards: Path, site: str, into: Path) -> Path:
     return into
 
 
-def configs(tmp_path, model_dir, data_dir, **job_kw):
-    from ports import free_port_base
-
-    job = JobConfig(data_dir=str(data_dir), workspace=str(tmp_path / "ws"), num_rounds=2,
-                    master_port_base=free_port_base(4), **job_kw)  # fmt: skip
-    model = ModelConfig(model_name_or_path=str(model_dir))
-    data = DataConfig(dataloader_num_workers=0)
-    train = TrainConfig(
-        max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, disable_progress_bar=True
-    )
-    return job, model, data, train
-
-
-def run_job(job, model, data, train, record_dir: Path | None = None, backend=None):
-    from nvflare.recipe.sim_env import SimEnv
-
-    recipe = fl_job.build_recipe(job, model, data, train, backend)
-    if record_dir is not None:
-        from fault_hooks import RoundRecorder
-
-        recipe.add_server_file(str(TESTS_DIR / "fault_hooks.py"))
-        recipe.add_server_input_filter(RoundRecorder(str(record_dir)), tasks=["train"])
-    env = fl_job.execution_env(job, 0)
-    assert isinstance(env, SimEnv)
-    return fl_job.summarize(job, recipe.run(env).get_result())
-
-
 def server_dir(job) -> Path:
     return next(Path(job.workspace).glob(f"{job.job_name}/server/simulate_job/app_server"))
 
 
 def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_model_dir, shards, tmp_path):
     data_dir = break_site(shards, "site-3", tmp_path / "data")
-    job, model, data, train = configs(tmp_path, tiny_model_dir, data_dir, n_clients=3, min_clients=2)
-    summary = run_job(job, model, data, train, record_dir=tmp_path / "sent")
+    job, model, data, train = job_configs(
+        tmp_path / "ws", tiny_model_dir, data_dir, n_clients=3, min_clients=2
+    )
+    summary = run_sim_job(job, model, data, train, record_dir=tmp_path / "sent")
 
     sent = {p.stem: load_file(p) for p in (tmp_path / "sent").glob("round1-*.safetensors")}
     assert set(sent) == {"round1-site-1", "round1-site-2"}  # site-3 failed and sent nothing to average
@@ -135,10 +110,12 @@ def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_m
 
 
 def test_lora_job_with_two_processes_per_site(tiny_model_dir, shards, tmp_path):
-    job, model, data, train = configs(tmp_path, tiny_model_dir, shards, n_clients=2, nproc_per_client=2)
+    job, model, data, train = job_configs(
+        tmp_path / "ws", tiny_model_dir, shards, n_clients=2, nproc_per_client=2
+    )
     job = dataclasses.replace(job, num_rounds=1)
     model = dataclasses.replace(model, lora=True, lora_r=4, lora_alpha=8)
-    summary = run_job(job, model, data, train)
+    summary = run_sim_job(job, model, data, train)
     saved = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     assert any(
@@ -158,10 +135,12 @@ def test_lora_job_with_two_processes_per_site(tiny_model_dir, shards, tmp_path):
 
 
 def test_resume_continues_at_the_next_round_from_the_saved_model(tiny_model_dir, shards, tmp_path):
-    job, model, data, train = configs(tmp_path, tiny_model_dir, shards, n_clients=2)
-    run_job(dataclasses.replace(job, num_rounds=1), model, data, train)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, n_clients=2)
+    run_sim_job(dataclasses.replace(job, num_rounds=1), model, data, train)
     first = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
-    summary = run_job(dataclasses.replace(job, resume=True), model, data, train, record_dir=tmp_path / "sent")
+    summary = run_sim_job(
+        dataclasses.replace(job, resume=True), model, data, train, record_dir=tmp_path / "sent"
+    )
     assert {r["round"] for r in summary.rows} == {1}
     assert {p.name.split("-")[0] for p in (tmp_path / "sent").glob("*.json")} == {"round1"}
     assert json.loads((server_dir(job) / "fl_state.json").read_text())["last_round"] == 1
@@ -182,7 +161,7 @@ def test_a_site_whose_torchrun_cannot_start_ends_the_job_with_the_reason(
     import socket
     import time
 
-    job, model, data, train = configs(tmp_path, tiny_model_dir, shards, n_clients=2)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, n_clients=2)
     job = dataclasses.replace(job, num_rounds=1)
     monkeypatch.setattr(fl_job, "port_is_free", lambda port: True)
     with socket.socket() as busy:
@@ -210,8 +189,8 @@ def test_field_shaped_data_trains_validates_keeps_the_best_model_and_evaluates_a
     import os
     import subprocess
 
-    job, model, data, train = configs(tmp_path, tiny_model_dir, realistic_shards, n_clients=2)
-    summary = run_job(job, model, data, train)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, realistic_shards, n_clients=2)
+    summary = run_sim_job(job, model, data, train)
     assert {(r["round"], r["site"]) for r in summary.rows} == {(0, "site-1"), (0, "site-2"), (1, "site-1"),
                                                               (1, "site-2")}  # fmt: skip
     assert all("val_loss" in r and "val_rouge_l" in r for r in summary.rows)

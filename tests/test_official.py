@@ -421,15 +421,15 @@ def test_federated_job_trains_each_site_on_its_own_data_in_the_clones_python(
 ):
     """job.py's recipe with --backend official in NVFlare's simulator (which puts its sys.path into
     the sites' PYTHONPATH), the clone's python a separate venv, one relative --work_dir for the job."""
-    from test_fl_job import configs, run_job
+    from sim_jobs import job_configs, run_sim_job
 
     monkeypatch.chdir(tmp_path)
-    job, model, data, train = configs(tmp_path, tiny_model, shards, n_clients=2)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model, shards, n_clients=2)
     job.num_rounds, train.max_steps, train.per_device_train_batch_size = 1, 1, 1
     backend = BackendConfig(
         backend="official", qwen3vl_root=str(FAKE_ROOT), qwen3vl_python=str(clone_env_python), work_dir="work"
     )
-    summary = run_job(job, model, data, train, backend=backend)
+    summary = run_sim_job(job, model, data, train, backend=backend)
 
     rows = {r["site"]: r for r in summary.rows}
     assert set(rows) == {"site-1", "site-2"}

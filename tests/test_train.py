@@ -153,7 +153,7 @@ def test_cli_trains_the_tiny_model_from_chance_to_90_percent(tiny_model_dir, tmp
     test = synthetic.generate(
         tmp_path / "test", synthetic.SyntheticSpec(num_records=80, seed=12, multi_turn_fraction=0)
     )
-    train_mod.main([
+    results = train_mod.main([
         "--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--eval_data_path", str(test),
         "--max_steps", "350", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
         "--dataloader_num_workers", "0", "--cache_samples", "true", "--disable_progress_bar", "true",
@@ -161,8 +161,8 @@ def test_cli_trains_the_tiny_model_from_chance_to_90_percent(tiny_model_dir, tmp
         "--output_dir", str(tmp_path / "out"),
     ])  # fmt: skip
     out = capsys.readouterr().out
-    evaluation = eval(out.split("eval:", 1)[1].splitlines()[0])  # the CLI prints a dict literal
-    assert evaluation["accuracy"] >= 0.9, out
+    assert results["eval"]["accuracy"] >= 0.9, out
+    assert f"eval: {{'loss': {round(results['eval']['loss'], 4)}" in out  # and the CLI prints it
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 

@@ -282,7 +282,9 @@ def train(
     return engine.train_round(**round_kw)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Train one round on ``--data_path``; print, and return, ``{"train": metrics, "eval": scores}``
+    (``eval`` only with ``--eval_data_path``)."""
     from ..config import check_data_flags, check_model_flags, parse
     from ..eval.evaluate import evaluate_file
 
@@ -295,14 +297,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     engine = SFTEngine(RunConfig(model_cfg, data_cfg, train_cfg))
     result = engine.train_round()
-    print("train:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    results = {"train": result.metrics}
     if data_cfg.eval_data_path:
-        scores = evaluate_file(engine.model, engine.processor, data_cfg, data_cfg.eval_data_path)
-        print("eval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
+        results["eval"] = evaluate_file(engine.model, engine.processor, data_cfg, data_cfg.eval_data_path)
+    for name, values in results.items():
+        print(f"{name}:", {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()})
     if train_cfg.save_model and rank_and_world()[0] == 0:
         engine.model.save_pretrained(train_cfg.output_dir)
         engine.processor.save_pretrained(train_cfg.output_dir)
         print(f"Model saved to {train_cfg.output_dir}")
+    return results
 
 
 if __name__ == "__main__":
