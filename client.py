@@ -11,15 +11,13 @@ qwen3vl_sft.fl.client.run_site: receive -> load -> validate -> train -> send. Wi
 --backend official a QwenLM/Qwen3-VL clone's train() does the training (docs/official_backend.md).
 """
 
-from qwen3vl_sft.config import BackendConfig, DataConfig, ExchangeConfig, ModelConfig, TrainConfig, parse
+from qwen3vl_sft.config import SITE_CONFIGS, parse
 from qwen3vl_sft.fl.client import run_site, setup_logging
 from qwen3vl_sft.train.engine import RunConfig
 
 
 def main(argv=None):
-    model, data, train, backend, exchange = parse(
-        (ModelConfig, DataConfig, TrainConfig, BackendConfig, ExchangeConfig), argv, description=__doc__
-    )
+    model, data, train, backend, exchange = parse(SITE_CONFIGS, argv, description=__doc__)
     setup_logging()
     run_site(RunConfig(model=model, data=data, train=train), backend, exchange)
 

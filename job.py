@@ -12,21 +12,12 @@ Every flag's default comes from qwen3vl_sft.config (see `python job.py --help`).
 
 import sys
 
-from qwen3vl_sft.config import (
-    BackendConfig,
-    DataConfig,
-    ExchangeConfig,
-    JobConfig,
-    ModelConfig,
-    TrainConfig,
-    parse,
-)
+from qwen3vl_sft.config import JOB_CONFIGS, parse
 from qwen3vl_sft.errors import DataError
 
 
 def main(argv=None):
-    configs = (JobConfig, ModelConfig, DataConfig, TrainConfig, BackendConfig, ExchangeConfig)
-    job, model, data, train, backend, exchange = parse(configs, argv, description=__doc__)
+    job, model, data, train, backend, exchange = parse(JOB_CONFIGS, argv, description=__doc__)
     import torch
 
     from qwen3vl_sft.demo import prepare_demo, report_demo

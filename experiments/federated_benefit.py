@@ -32,14 +32,21 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package lives at the repo root
 
-from qwen3vl_sft.config import JobConfig, PrepareDataConfig, TrainConfig, parse, with_defaults  # noqa: E402
+from qwen3vl_sft.config import (  # noqa: E402
+    JobConfig,
+    PrepareDataConfig,
+    TrainConfig,
+    option,
+    parse,
+    with_defaults,
+)
 from qwen3vl_sft.data.synthetic import QUADRANTS  # noqa: E402
 from qwen3vl_sft.demo import DEMO_DATA, DEMO_TRAIN  # noqa: E402
 from qwen3vl_sft.fileio import atomic_write_json, json_safe  # noqa: E402
@@ -56,32 +63,28 @@ SPLIT_SEED_TRIES = 20
 KINDS = ("base", "local", "centralised", "fedavg")  # table order
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class ExperimentConfig:
     """What is compared, on which data; the optimisation settings are TrainConfig's flags."""
 
-    work_dir: str = _f("outputs/federated_benefit", "Where data, models, logs and results.json go.")
+    work_dir: str = option("outputs/federated_benefit", "Where data, models, logs and results.json go.")
     # 6, not 3: with 3 sites each holds two body parts, so sees three of the four answers (a local-only
     # ceiling of 70-82 % of test.json); measured with 3 sites: best local-only 60.0 %, FedAvg 93.0 % =
     # 0.93 x centralised. With 6 sites (ceilings 44-57 %) every target is met (see the README).
-    num_sites: int = _f(6, "Sites of the split (6 with --split body_part: one body part per site).")
-    num_rounds: int = _f(20, "FedAvg rounds; local-only trains num_rounds x --max_steps steps.")
-    split: Literal["body_part", "modality", "dirichlet"] = _f("body_part", "prepare_data's --split.")
-    alpha: float = _f(PrepareDataConfig.alpha, "Dirichlet concentration for --split dirichlet.")
-    num_records: int = _f(2000, "Synthetic records (a share is held out as test.json).")
-    test_fraction: float = _f(0.1, "Share of the records held out as the global test.json.")
-    multi_image_fraction: float = _f(0.05, "Synthetic records with 2-3 images ('which image ...').")
-    multi_turn_fraction: float = _f(0.1, "Synthetic records with a second, modality question.")
-    data_seed: int = _f(0, "Seed of the synthetic data and of the split.")
-    max_new_tokens: int = _f(16, "Answer length limit during evaluation.")
-    master_port_base: int = _f(
+    num_sites: int = option(6, "Sites of the split (6 with --split body_part: one body part per site).")
+    num_rounds: int = option(20, "FedAvg rounds; local-only trains num_rounds x --max_steps steps.")
+    split: Literal["body_part", "modality", "dirichlet"] = option("body_part", "prepare_data's --split.")
+    alpha: float = option(PrepareDataConfig.alpha, "Dirichlet concentration for --split dirichlet.")
+    num_records: int = option(2000, "Synthetic records (a share is held out as test.json).")
+    test_fraction: float = option(0.1, "Share of the records held out as the global test.json.")
+    multi_image_fraction: float = option(0.05, "Synthetic records with 2-3 images ('which image ...').")
+    multi_turn_fraction: float = option(0.1, "Synthetic records with a second, modality question.")
+    data_seed: int = option(0, "Seed of the synthetic data and of the split.")
+    max_new_tokens: int = option(16, "Answer length limit during evaluation.")
+    master_port_base: int = option(
         JobConfig.master_port_base + 200, "torchrun port of site-1 (off job.py's, to run beside a job)."
     )
-    verbose: bool = _f(False, "Print the training and NVFlare logs instead of writing experiment.log.")
+    verbose: bool = option(False, "Print the training and NVFlare logs instead of writing experiment.log.")
 
 
 @dataclass(frozen=True)

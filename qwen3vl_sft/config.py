@@ -374,6 +374,11 @@ def with_defaults(cfg: Any, values: dict[str, Any]) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
+# The job -> site contract: client.py parses SITE_CONFIGS from the flags job.py writes with to_flags.
+SITE_CONFIGS = (ModelConfig, DataConfig, TrainConfig, BackendConfig, ExchangeConfig)
+JOB_CONFIGS = (JobConfig, *SITE_CONFIGS)  # job.py's command line
+
+
 def to_flags(*configs: Any) -> list[str]:
     """Command-line flags that make HfArgumentParser rebuild ``configs`` exactly.
 

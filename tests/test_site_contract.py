@@ -9,19 +9,8 @@ import typing
 
 import pytest
 
-from qwen3vl_sft.config import (
-    BackendConfig,
-    DataConfig,
-    ExchangeConfig,
-    JobConfig,
-    ModelConfig,
-    TrainConfig,
-    parse,
-    to_flags,
-)
+from qwen3vl_sft.config import SITE_CONFIGS, DataConfig, JobConfig, ModelConfig, TrainConfig, parse, to_flags
 from qwen3vl_sft.fl import job as fl_job
-
-SITE_CLASSES = (ModelConfig, DataConfig, TrainConfig, BackendConfig, ExchangeConfig)  # client.py's parse
 
 
 def other_value(cls: type, f: dataclasses.Field):
@@ -47,7 +36,7 @@ def all_changed(cls: type):
     return cls(**{name: value for name, value in values.items() if value is not None})
 
 
-@pytest.mark.parametrize("cls", SITE_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", SITE_CONFIGS, ids=lambda c: c.__name__)
 def test_every_field_survives_the_flags(cls):
     changed = all_changed(cls)
     carried = [f.name for f in dataclasses.fields(cls) if getattr(changed, f.name) != getattr(cls(), f.name)]
@@ -57,9 +46,9 @@ def test_every_field_survives_the_flags(cls):
 
 
 def test_defaults_write_no_flags_and_parse_back_to_defaults():
-    configs = tuple(cls() for cls in SITE_CLASSES)
+    configs = tuple(cls() for cls in SITE_CONFIGS)
     assert to_flags(*configs) == []
-    assert parse(SITE_CLASSES, []) == configs
+    assert parse(SITE_CONFIGS, []) == configs
 
 
 def test_a_sites_train_args_parse_into_the_jobs_configs(shards, tmp_path):
@@ -69,13 +58,13 @@ def test_a_sites_train_args_parse_into_the_jobs_configs(shards, tmp_path):
     model = ModelConfig(model_name_or_path=str(tmp_path), lora=True, lora_r=4, tune_mm_vision=True)
     data = DataConfig(max_pixels=4096, val_generate_samples=3)
     train = TrainConfig(learning_rate=3e-4, max_steps=7, seed=11, torch_threads=1)
-    exchange = ExchangeConfig(compression="int8")
-    per_site = fl_job.site_configs(job, model, data, train, BackendConfig(), exchange)
+    backend, exchange = SITE_CONFIGS[3](), SITE_CONFIGS[4](compression="int8")
+    per_site = fl_job.site_configs(job, model, data, train, backend, exchange)
     assert sorted(per_site) == ["site-1", "site-2"]
     for site, config in per_site.items():
-        got = parse(SITE_CLASSES, shlex.split(config["train_args"]))
+        got = parse(SITE_CONFIGS, shlex.split(config["train_args"]))
         want_data = dataclasses.replace(
             data, data_path=str(shards / site / "train.json"), eval_data_path=str(shards / site / "val.json")
         )
         want_train = dataclasses.replace(train, output_dir="qwen3vl_outputs", report_to="none")
-        assert got == (model, want_data, want_train, BackendConfig(), exchange)
+        assert got == (model, want_data, want_train, backend, exchange)
