@@ -143,7 +143,7 @@ def adapter_figures(path: Path) -> dict:
 
 
 def site_step_seconds(work: Path) -> dict:
-    from qwen3vl_sft.fl.job import read_site_metrics
+    from qwen3vl_sft.fl.summary import read_site_metrics
 
     rows = read_site_metrics(str(work / "workspace"))
     row = rows[0] if rows else {}

@@ -262,7 +262,7 @@ def job_command(model_dir: Path, data_dir: Path, work: Path, args) -> list[str]:
 
 def federated_round(model_dir: Path, work: Path, args) -> dict:
     """One FedAvg round through job.py; what it printed goes to <work_dir>/federated_round.log."""
-    from qwen3vl_sft.fl.job import read_site_metrics
+    from qwen3vl_sft.fl.summary import read_site_metrics
 
     cmd = job_command(model_dir, federated_data(work, args.fl_records), work, args)
     sampler = DeviceMemorySampler() if args.mode == "gpu" else None

@@ -100,6 +100,7 @@ def run_mode(exp, mode: str, lr: float, model_dir: Path, data_dir: Path, work: P
     from qwen3vl_sft.demo import DEMO_DATA
     from qwen3vl_sft.eval.evaluate import evaluate_model_dir
     from qwen3vl_sft.fl import job as fl_job
+    from qwen3vl_sft.fl.summary import summarize
 
     model_changes, exchange_changes = MODES[mode]
     name = f"{mode}-lr{lr:g}"
@@ -113,7 +114,7 @@ def run_mode(exp, mode: str, lr: float, model_dir: Path, data_dir: Path, work: P
     start = time.monotonic()
     with quiet(work / "experiment.log"):
         recipe = fl_job.build_recipe(job, model, data, train, exchange=exchange)
-        summary = fl_job.summarize(job, recipe.run(fl_job.execution_env(job, 0)).get_result())
+        summary = summarize(job, recipe.run(fl_job.execution_env(job, 0)).get_result())
         scores = evaluate_model_dir(
             summary.global_model_dir, data, data_dir / "test.json", base_model=str(model_dir)
         )

@@ -318,6 +318,7 @@ def run_fedavg(exp: ExperimentConfig, train: TrainConfig, paths: Paths):
     """The job.py FedAvg job in the NVFlare simulator; returns fl_job's Summary."""
     from qwen3vl_sft.config import DataConfig, ModelConfig
     from qwen3vl_sft.fl import job as fl_job
+    from qwen3vl_sft.fl.summary import summarize
 
     job = JobConfig(
         n_clients=exp.num_sites,
@@ -330,7 +331,7 @@ def run_fedavg(exp: ExperimentConfig, train: TrainConfig, paths: Paths):
     model = ModelConfig(model_name_or_path=str(paths.model_dir))
     recipe = fl_job.build_recipe(job, model, DataConfig(**DEMO_DATA), train)
     # cuda_devices=0: no per-site GPU pinning (on a GPU host all sites share what is visible).
-    summary = fl_job.summarize(job, recipe.run(fl_job.execution_env(job, 0)).get_result())
+    summary = summarize(job, recipe.run(fl_job.execution_env(job, 0)).get_result())
     if not summary.global_model_dir:
         raise RuntimeError(f"the FedAvg job wrote no global model; see {paths.log}")
     return summary

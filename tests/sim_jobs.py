@@ -10,6 +10,7 @@ from ports import free_port_base
 
 from qwen3vl_sft.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from qwen3vl_sft.fl import job as fl_job
+from qwen3vl_sft.fl.summary import summarize
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -49,4 +50,4 @@ def run_sim_job(job, model, data, train, *, record_dir=None, backend=None, excha
         recipe.add_server_output_filter(outage, tasks=["train"])
     env = fl_job.execution_env(job, 0)
     assert isinstance(env, SimEnv)
-    return fl_job.summarize(job, recipe.run(env).get_result())
+    return summarize(job, recipe.run(env).get_result())

@@ -54,7 +54,7 @@ from safetensors.torch import load_file
 from sim_jobs import job_configs, run_sim_job
 
 from qwen3vl_sft.config import ExchangeConfig, JobConfig, ModelConfig
-from qwen3vl_sft.fl import job as fl_job
+from qwen3vl_sft.fl import resume
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -182,7 +182,7 @@ def stopped_and_resumed(tiny_model_dir, synth_dir, shards, tmp_path_factory):
     )  # fmt: skip
     os.rename(f"{images}.gone", images)
     resumed = (dataclasses.replace(job, resume=True, master_port_base=free_port_base(2)), *cfg[1:])
-    start_round = fl_job.completed_rounds(fl_job.resume_checkpoint(resumed[0]))
+    start_round = resume.completed_rounds(resume.resume_checkpoint(resumed[0]))
     summary = run_job(resumed, root / "sent_resumed")
     resumed_run = SimpleNamespace(
         start_round=start_round, summary=summary, sent=records(root / "sent_resumed"), model=saved_model(job)
@@ -294,7 +294,7 @@ def test_kill_while_saving_leaves_the_old_or_the_new_model(where, tiny_model_dir
     hf = load_file(app / "global_model_hf" / "model.safetensors")  # complete, round 0
     assert all(torch.equal(hf[k], round_weights(initial, 0)[k].to(hf[k].dtype)) for k in expected)
     # --resume starts after the round whose weights are in the .pt, even if fl_state.json lags behind
-    assert fl_job.completed_rounds(app / "FL_global_model.pt") == saved_round + 1
+    assert resume.completed_rounds(app / "FL_global_model.pt") == saved_round + 1
 
 
 class DiskFull:
@@ -341,7 +341,7 @@ def test_disk_full_while_saving_keeps_the_last_complete_files(where, tiny_model_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file or folder left
     changed = sorted(name for name in after if after[name] != before.get(name))
     assert changed == ([] if where == "checkpoint" else ["FL_global_model.pt"])
-    assert fl_job.completed_rounds(tmp_path / "FL_global_model.pt") == (1 if where == "checkpoint" else 2)
+    assert resume.completed_rounds(tmp_path / "FL_global_model.pt") == (1 if where == "checkpoint" else 2)
 
 
 def test_a_crashed_resumed_run_can_be_resumed_again(tmp_path):
@@ -352,12 +352,12 @@ def test_a_crashed_resumed_run_can_be_resumed_again(tmp_path):
     keep.mkdir(parents=True)
     (tmp_path / "j" / "server").mkdir(parents=True)  # cleared by the crashed run, nothing saved
     torch.save({"model": {"w": torch.ones(2)}, "meta": {"round": 1}}, keep / "FL_global_model.pt")
-    assert fl_job.completed_rounds(fl_job.resume_checkpoint(job)) == 2
+    assert resume.completed_rounds(resume.resume_checkpoint(job)) == 2
     newer = tmp_path / "j" / "server" / "app_server"
     newer.mkdir()
     torch.save({"model": {"w": torch.zeros(2)}, "meta": {"round": 3}}, newer / "FL_global_model.pt")
-    kept = fl_job.resume_checkpoint(job)
-    assert fl_job.completed_rounds(kept) == 4 and torch.load(kept, weights_only=True)["model"]["w"].sum() == 0
+    kept = resume.resume_checkpoint(job)
+    assert resume.completed_rounds(kept) == 4 and torch.load(kept, weights_only=True)["model"]["w"].sum() == 0
 
 
 def test_too_few_sites_stop_the_job_without_saving(tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ import job as job_script
 from qwen3vl_sft.config import JobConfig
 from qwen3vl_sft.errors import DataError
 from qwen3vl_sft.fl import job as fl_job
+from qwen3vl_sft.fl import summary as fl_summary
 
 
 def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
@@ -135,13 +136,13 @@ def test_site_ports_in_the_ephemeral_range_get_a_note_and_ports_below_it_none(tm
 def test_the_printed_commands_are_quoted_and_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = JobConfig(data_dir="my data", export_dir="out dir")
-    assert "no test.json: --test_fraction was 0" in fl_job.evaluate_command(job, "/ws/g")
+    assert "no test.json: --test_fraction was 0" in fl_summary.evaluate_command(job, "/ws/g")
     (tmp_path / "my data").mkdir()
     (tmp_path / "my data" / "test.json").write_text("[]")
-    command = shlex.split(fl_job.evaluate_command(job, "/ws/global model_hf"))
-    assert command == [sys.executable, str(Path(fl_job.REPO_DIR) / "run_inference.py"), "--model_path",
+    command = shlex.split(fl_summary.evaluate_command(job, "/ws/global model_hf"))
+    assert command == [sys.executable, str(Path(fl_summary.REPO_DIR) / "run_inference.py"), "--model_path",
                        "/ws/global model_hf", "--data_file", str(tmp_path / "my data" / "test.json")]  # fmt: skip
-    with_root = shlex.split(fl_job.evaluate_command(job, "/g", image_root="imgs"))
+    with_root = shlex.split(fl_summary.evaluate_command(job, "/g", image_root="imgs"))
     assert with_root[4:6] == ["--image_root", str(tmp_path / "imgs")]
     assert fl_job.exported_job_folder(job) == str(tmp_path / "out dir" / job.job_name)
 
@@ -177,8 +178,8 @@ def test_ctrl_c_inside_nvflares_simulator_is_reported_as_an_interrupt(tmp_path, 
 
 
 def test_summary_paths_are_absolute_with_a_relative_workspace(tmp_path, monkeypatch):
-    """Bug fixed here: with --workspace ws the summary printed ws/... paths, which the printed
-    evaluation command could not find from another folder."""
+    """With --workspace ws the summary prints absolute paths: a ws/... path in the printed evaluation
+    command would not be found from another folder."""
     monkeypatch.chdir(tmp_path)
     model_dir = (
         tmp_path / "ws" / "qwen3-vl-fedavg" / "server" / "simulate_job" / "app_server" / "global_model_hf"
@@ -187,7 +188,7 @@ def test_summary_paths_are_absolute_with_a_relative_workspace(tmp_path, monkeypa
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "test.json").write_text("[]")
     job = JobConfig(workspace="ws", data_dir="data")
-    summary = fl_job.summarize(job, "ws/qwen3-vl-fedavg")
+    summary = fl_summary.summarize(job, "ws/qwen3-vl-fedavg")
     assert summary.result_dir == str(tmp_path / "ws" / "qwen3-vl-fedavg")
     assert summary.global_model_dir == str(model_dir)
     assert f"--model_path {model_dir} --data_file {tmp_path / 'data' / 'test.json'}" in summary.text

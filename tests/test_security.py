@@ -28,7 +28,7 @@ import torch
 import job
 from qwen3vl_sft.config import InferenceConfig, ModelConfig
 from qwen3vl_sft.errors import DataError
-from qwen3vl_sft.fl import job as fl_job
+from qwen3vl_sft.fl import resume
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(REPO / "qwen3vl_sft").rglob("*.py"), *REPO.glob("*.py")])
@@ -111,7 +111,7 @@ def test_a_checkpoint_that_runs_code_is_refused_everywhere(tiny_model_dir, tmp_p
     with pytest.raises(CheckpointError, match="weights_only"):
         read_weights_file(path)  # the one reader of .pt files (checkpoints.py, inference.py)
     with pytest.raises(DataError, match="--resume: .*weights_only"):
-        fl_job.completed_rounds(path)  # job.py --resume
+        resume.completed_rounds(path)  # job.py --resume
     with pytest.raises(CheckpointError, match="weights_only"):
         detect(
             Checkpoint("x", str(path)), InferenceConfig(base_model=str(tiny_model_dir))

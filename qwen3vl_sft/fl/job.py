@@ -1,4 +1,7 @@
-"""The FedAvg job: NVFlare 2.9 recipe, per-site torchrun commands, environments, summary.
+"""The FedAvg job: NVFlare 2.9 recipe, per-site torchrun commands, environments, running it.
+
+Resuming is :mod:`.resume`'s (which checkpoint, how many rounds are done); the end-of-job report is
+:mod:`.summary`'s.
 
 Used by job.py (``python job.py --help``). One recipe serves the simulator (``--env sim``), PoC
 (``--env poc``: a real server and clients as separate processes) and production (``--export_dir``: a
@@ -20,6 +23,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import (
     BackendConfig,
@@ -34,9 +38,12 @@ from ..config import (
     to_flags,
 )
 from ..errors import DataError, UsageError
-from ..fileio import atomic_path, check_writable
-from .console_view import TAG_PREFIX
+from ..fileio import check_writable
+from .resume import completed_rounds, resume_checkpoint
 from .watch import failure_line, read_failure
+
+if TYPE_CHECKING:
+    from .summary import Summary
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # qwen3vl_sft/, shipped whole to every app
 REPO_DIR = PACKAGE_DIR.parent
@@ -279,55 +286,6 @@ def absolute_model_path(model: ModelConfig, job: JobConfig) -> ModelConfig:
         return model
     local = local_path(path)
     return dataclasses.replace(model, model_name_or_path=str(local)) if local.is_dir() else model
-
-
-def resume_checkpoint(job: JobConfig) -> str | None:
-    """For --resume: the job's last saved global model, copied out of the job's run folder.
-
-    The simulator clears ``<workspace>/<job>`` when it starts, so the checkpoint (and the state file)
-    are first copied, atomically, to ``<workspace>/resume/<job>/``. That copy is a candidate too: a
-    resumed run killed before it saved a round leaves nothing under ``<workspace>/<job>``, and the next
-    --resume must still find the last round (the newest of all candidates wins).
-    """
-    if not job.resume:
-        return None
-    keep = Path(job.workspace).resolve() / "resume" / job.job_name
-    found = [*Path(job.workspace).glob(f"{job.job_name}/**/FL_global_model.pt"), keep / "FL_global_model.pt"]
-    candidates = [path for path in found if path.is_file()]
-    if not candidates:
-        raise DataError(
-            f"--resume: no FL_global_model.pt under {job.workspace}/{job.job_name} or {keep}; nothing to resume"
-        )
-    latest = max(candidates, key=lambda path: (completed_rounds(path), os.path.getmtime(path)))
-    if latest.parent != keep:
-        keep.mkdir(parents=True, exist_ok=True)
-        for name in ("FL_global_model.pt", "fl_state.json"):
-            (keep / name).unlink(missing_ok=True)
-            if (latest.parent / name).is_file():
-                with atomic_path(keep / name) as tmp:
-                    shutil.copy2(latest.parent / name, tmp)
-    return str(keep / "FL_global_model.pt")
-
-
-def completed_rounds(checkpoint: str | os.PathLike | None) -> int:
-    """Rounds already done by the run that wrote ``checkpoint``.
-
-    Read from the checkpoint itself: its meta round is written in the same atomic rename as the weights,
-    whereas fl_state.json is written after global_model_hf/, so a kill between the two leaves the state
-    file a round behind the weights (trusting it would train that round twice). It is the fallback.
-    """
-    if checkpoint is None:
-        return 0
-    from ..eval.inference import CheckpointError, read_weights_file  # weights_only: never unpickles code
-
-    try:
-        _, meta = read_weights_file(checkpoint)
-    except CheckpointError as err:
-        raise DataError(f"--resume: {err}") from err
-    if meta.get("round") is not None:
-        return int(meta["round"]) + 1
-    state = Path(checkpoint).with_name("fl_state.json")
-    return int(json.loads(state.read_text())["last_round"]) + 1 if state.is_file() else 0
 
 
 def check_model(model: ModelConfig) -> None:
@@ -662,6 +620,8 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
         raise JobFailed(reason)
     if not result_dir and job.env == "poc":
         raise JobFailed(f"the PoC job returned no result; see the logs under {search_dir}")
+    from .summary import summarize
+
     return summarize(job, result_dir, image_root)
 
 
@@ -691,6 +651,8 @@ def run_prod_job(job: JobConfig, recipe, image_root: str = "") -> Summary:
         raise JobFailed(f"job {job_id} ended {status or 'without a status'} and "
                         f"{'its result is in ' + result_dir if result_dir else 'no result came back'}; "
                         "see the server's <kit>/" + job_id + "/log.txt")  # fmt: skip
+    from .summary import summarize
+
     return summarize(job, result_dir, image_root)
 
 
@@ -748,92 +710,3 @@ def failure_message(search_dir: str | os.PathLike, fallback: str = "") -> str:
         return ""
     log = server_log(search_dir)
     return failure_line(failure, log) if failure else f"{fallback.rstrip('. ')} (server log: {log})"
-
-
-@dataclasses.dataclass
-class Summary:
-    """Per-round, per-site metrics read back from the server's TensorBoard events."""
-
-    result_dir: str
-    rows: list[dict]
-    global_model_dir: str
-    text: str
-
-
-SUMMARY_COLUMNS = (
-    "train_loss", "samples", "seconds", "received_mib", "sent_mib", "update_cosine", "val_loss", "val_accuracy",
-    "val_rouge_l",
-)  # fmt: skip
-COLUMN_WIDTH = 11
-
-
-def read_site_metrics(result_dir: str) -> list[dict]:
-    """One row per (round, site) from ``tb_events/<site>/`` written by the TensorBoard receiver."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    rows: dict[tuple[int, str], dict] = {}
-    for site_dir in sorted(Path(result_dir).glob("**/tb_events/site-*")):
-        acc = EventAccumulator(str(site_dir), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            if tag.startswith(TAG_PREFIX):
-                continue  # the live view's progress, not a round metric
-            for event in acc.Scalars(tag):
-                key = tag.rsplit("/", 1)[-1]
-                rows.setdefault((event.step, site_dir.name), {"round": event.step, "site": site_dir.name})[
-                    key
-                ] = event.value
-    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], int(k[1].split("-")[1])))]
-
-
-def format_rows(rows: list[dict]) -> str:
-    widths = {c: max(COLUMN_WIDTH, len(c) + 2) for c in SUMMARY_COLUMNS}
-    header = f"{'round':>5} {'site':<8}" + "".join(f"{c:>{w}}" for c, w in widths.items())
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        cells = "".join(f"{row[c]:>{w}.4g}" if c in row else f"{'-':>{w}}" for c, w in widths.items())
-        lines.append(f"{row['round']:>5} {row['site']:<8}{cells}")
-    return "\n".join(lines)
-
-
-def traffic_line(rows: list[dict]) -> str:
-    """Cumulative MiB both ways over all sites and rounds, as the sites counted their packets."""
-    down = sum(row.get("received_mib", 0.0) for row in rows)
-    up = sum(row.get("sent_mib", 0.0) for row in rows)
-    rounds = len({row["round"] for row in rows})
-    return f"Traffic over {rounds} round(s), all sites: {down:.2f} MiB server -> sites, {up:.2f} MiB sites -> server"
-
-
-def evaluate_command(job: JobConfig, global_dir: str, image_root: str = "") -> str:
-    """The run_inference.py command for the global model, quoted for a POSIX shell and runnable as
-    printed from any folder (absolute paths; the base model is recorded in the global model itself)."""
-    data_dir = local_path(job.data_dir).resolve()
-    test_file = data_dir / "test.json"
-    script = REPO_DIR / "run_inference.py"
-    args = [sys.executable, str(script), "--model_path", global_dir or "<global_model_hf>"]
-    if image_root:  # the job's own --image_root; without it run_inference reads the shards' manifest
-        args += ["--image_root", os.path.abspath(image_root)]
-    if job.env == "prod" and not data_dir.is_dir():  # the data is the sites'
-        return shlex.join(args) + f" --data_file <a held-out file> ({job.data_dir} is not on this machine)"
-    if not test_file.is_file():  # prepared with --test_fraction 0: the user has a held-out file of their own
-        return shlex.join(args) + " --data_file <your held-out file> (no test.json: --test_fraction was 0)"
-    return shlex.join([*args, "--data_file", str(test_file)])
-
-
-def summarize(job: JobConfig, result_dir: str | None, image_root: str = "") -> Summary:
-    """The end-of-job report: metrics table, where the global model is, how to evaluate it."""
-    # Absolute: the printed model path and evaluation command must work from any folder.
-    result_dir = str(Path(result_dir or Path(job.workspace) / job.job_name).resolve())
-    rows = read_site_metrics(result_dir)
-    found = sorted(Path(result_dir).glob("**/global_model_hf"))
-    global_dir = str(found[0]) if found else ""
-    text = "\n".join(
-        [
-            f"Job finished. Results: {result_dir}",
-            format_rows(rows) if rows else "(no per-site metrics were recorded)",
-            traffic_line(rows),
-            f"Global model (HF directory): {global_dir or 'not written'}",
-            f"Evaluate it: {evaluate_command(job, global_dir, image_root)}",
-        ]
-    )
-    return Summary(result_dir=result_dir, rows=rows, global_model_dir=global_dir, text=text)
