@@ -24,7 +24,7 @@
         --data_file ./data/site-1/train.json --image_root ./PubMedVision --max_samples 1
 
 A checkpoint is an HF id or directory, an NVFlare ``FL_global_model.pt`` (full or LoRA), or a LoRA adapter
-directory; the kind is detected (see qwen3vl_sft/eval/inference.py). The "base" row is --base_model or the base
+directory; the kind is detected (see qwen3vl_sft/eval/loading.py). The "base" row is --base_model or the base
 the checkpoint records, never a default hub id. Per checkpoint the table shows the mean teacher-forced
 loss on the ground-truth answers, ROUGE-L, token F1 and exact-match accuracy on short answers, and the
 records skipped for a defective image (the same for every checkpoint); report.json / report.csv /
@@ -49,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     # Imported here so that Ctrl-C during the slow torch/transformers import also ends in one line.
     from qwen3vl_sft.config import InferenceConfig, parse
-    from qwen3vl_sft.eval import inference
+    from qwen3vl_sft.eval import inference, report
 
     (cfg,) = parse((InferenceConfig,), argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         inference.check_flags(cfg)
-        inference.ensure_output_dir(cfg.output_dir)
+        report.ensure_output_dir(cfg.output_dir)
         checkpoints = inference.requested_checkpoints(cfg)
         for ckpt in checkpoints:
             print(ckpt.describe())
@@ -72,11 +72,11 @@ def _run(argv: list[str] | None) -> int:
     print(f"\nRunning inference on {len(dataset.records)} sample(s){skipped}\n")
     for i, record in enumerate(dataset.records[:shown]):
         answers = {r.checkpoint.label: r.answers[i] for r in results}
-        print(inference.format_sample(i + 1, record, dataset.builder.image_paths(record), answers))
+        print(report.format_sample(i + 1, record, dataset.builder.image_paths(record), answers))
 
     # 2. metrics over all samples, then the report files
-    print(inference.format_table(results))
-    paths = inference.write_report(cfg.output_dir, dataset, results, cfg)
+    print(report.format_table(results))
+    paths = report.write_report(cfg.output_dir, dataset, results, cfg)
     print("\nReport: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

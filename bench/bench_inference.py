@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from qwen3vl_sft.config import DataConfig, InferenceConfig
     from qwen3vl_sft.data.samples import build_dataset
     from qwen3vl_sft.eval.evaluate import generate_answers
-    from qwen3vl_sft.eval.inference import Checkpoint, load_checkpoint
+    from qwen3vl_sft.eval.loading import Checkpoint, load_checkpoint
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,8 +24,8 @@ from PIL import Image
 
 import run_inference
 from qwen3vl_sft.config import InferenceConfig, ModelConfig
-from qwen3vl_sft.eval import inference
-from qwen3vl_sft.eval.inference import Checkpoint, CheckpointError
+from qwen3vl_sft.eval import inference, loading
+from qwen3vl_sft.eval.loading import Checkpoint, CheckpointError
 from qwen3vl_sft.model.modeling import load_model
 from qwen3vl_sft.model.weights import exchanged_state
 
@@ -84,8 +84,8 @@ def config(tiny_model_dir, synth_dir, synth_split, **kw) -> InferenceConfig:
 
 def load(path, cfg: InferenceConfig):
     """(detected checkpoint, its model on CPU)."""
-    ckpt = inference.detect(Checkpoint("x", str(path)), cfg)
-    return ckpt, inference.load_checkpoint(ckpt, cfg, torch.device("cpu"))[0]
+    ckpt = loading.detect(Checkpoint("x", str(path)), cfg)
+    return ckpt, loading.load_checkpoint(ckpt, cfg, torch.device("cpu"))[0]
 
 
 # --------------------------------------------------------------------------- detection and loading
@@ -196,7 +196,7 @@ def test_file_that_is_not_a_weights_file_is_refused(content, message, tmp_path):
     else:
         torch.save(content, path)
     with pytest.raises(CheckpointError, match=message):
-        inference.detect(Checkpoint("x", str(path)), InferenceConfig())
+        loading.detect(Checkpoint("x", str(path)), InferenceConfig())
 
 
 def test_paths_that_are_not_qwen3vl_checkpoints_are_refused(tmp_path, tiny_model_dir):
@@ -205,12 +205,12 @@ def test_paths_that_are_not_qwen3vl_checkpoints_are_refused(tmp_path, tiny_model
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CheckpointError, match="'bert' is not Qwen3-VL"):
-        inference.detect(Checkpoint("other", str(other)), cfg)
+        loading.detect(Checkpoint("other", str(other)), cfg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither config.json"):
-        inference.detect(Checkpoint("empty", str(tmp_path / "empty")), cfg)
+        loading.detect(Checkpoint("empty", str(tmp_path / "empty")), cfg)
     with pytest.raises(CheckpointError, match="does not exist"):
-        inference.detect(Checkpoint("gone", str(tmp_path / "FL_global_model.pt")), cfg)
+        loading.detect(Checkpoint("gone", str(tmp_path / "FL_global_model.pt")), cfg)
 
 
 def test_cli_refuses_with_one_line_and_exit_code_2(tmp_path, capsys, tiny_model_dir, synth_dir, synth_split):
@@ -434,7 +434,7 @@ def test_base_row_is_what_the_checkpoint_records_never_a_default_hub_id(
 def test_pt_that_records_no_base_needs_base_model(ckpts, tiny_model_dir, synth_dir, synth_split):
     cfg = config(tiny_model_dir, synth_dir, synth_split, base_model="")
     with pytest.raises(CheckpointError, match=r'its meta names no "base_model"; pass --base_model'):
-        inference.detect(Checkpoint("x", str(ckpts["dir"] / "lora_no_meta.pt")), cfg)
+        loading.detect(Checkpoint("x", str(ckpts["dir"] / "lora_no_meta.pt")), cfg)
 
 
 def test_server_hf_directories_record_their_base_and_still_load(ckpts, tmp_path, tiny_model_dir):

@@ -106,7 +106,7 @@ def test_a_checkpoint_that_runs_code_is_refused_everywhere(tiny_model_dir, tmp_p
     marker = tmp_path / "code_ran"
     path = tmp_path / "FL_global_model.pt"
     torch.save({"model": {"w": torch.ones(1)}, "meta": {"round": 0}, "x": RunsCode(marker)}, path)
-    from qwen3vl_sft.eval.inference import Checkpoint, CheckpointError, detect, read_weights_file
+    from qwen3vl_sft.eval.loading import Checkpoint, CheckpointError, detect, read_weights_file
 
     with pytest.raises(CheckpointError, match="weights_only"):
         read_weights_file(path)  # the one reader of .pt files (checkpoints.py, inference.py)

@@ -226,7 +226,7 @@ def evaluate_model_dir(
     """:func:`evaluate_file` of the checkpoint at ``model_dir``: an HF directory, a PEFT adapter directory
     (the LoRA global model) or a .pt, detected and loaded exactly as run_inference.py loads it."""
     from ..config import InferenceConfig
-    from .inference import Checkpoint, detect, load_checkpoint, resolve_device
+    from .loading import Checkpoint, detect, load_checkpoint, resolve_device
 
     cfg = InferenceConfig(base_model=base_model, compare_base=False, data_file=str(path))
     ckpt = detect(Checkpoint("model", str(model_dir)), cfg)

@@ -50,7 +50,7 @@ def completed_rounds(checkpoint: str | os.PathLike | None) -> int:
     """
     if checkpoint is None:
         return 0
-    from ..eval.inference import CheckpointError, read_weights_file  # weights_only: never unpickles code
+    from ..eval.loading import CheckpointError, read_weights_file  # weights_only: never unpickles code
 
     try:
         _, meta = read_weights_file(checkpoint)

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global_model", required=True)
     parser.add_argument("--output", required=True)
     args, rest = parser.parse_known_args(argv)
-    from ..eval.inference import read_weights_file  # the one safe reader of weights files (weights_only)
+    from ..eval.loading import read_weights_file  # the one safe reader of weights files (weights_only)
 
     (model_config,) = parse((ModelConfig,), rest, description=__doc__)
     tensors, _ = read_weights_file(args.global_model)
