@@ -14,10 +14,10 @@ empty image list (counted skips)                 test_prepare_data.py::test_coun
                                                  test_training_file_with_invalid_records_counts_them
 no usable record at all                          test_training_file_without_usable_records_is_an_error
 image missing                                    test_prepare_data.py::test_counted_skips_are_reported,
-                                                 test_data.py::test_missing_or_corrupt_image_is_a_skip...
+                                                 test_samples.py::test_missing_or_corrupt_image_is_a_skip...
 0-byte image                                     test_zero_byte_image_is_a_counted_skip_naming_the_file
 truncated JPEG                                   test_truncated_jpeg_is_a_counted_skip_naming_the_file
-not-an-image file                                test_data.py::test_missing_or_corrupt_image_is_a_skip...
+not-an-image file                                test_samples.py::test_missing_or_corrupt_image_is_a_skip...
 30000x30000 image (decompression bomb)           test_huge_image_is_refused_from_its_header (3 cases)
 image path escaping the image root               test_records.py::test_resolve_image_path_confines_paths,
                                                  test_records.py::test_image_index_reports_missing_and...,
@@ -34,7 +34,7 @@ model dir that is not Qwen3-VL                   job.py: test_job_flag_is_refuse
 job.py exit status and stderr                    test_job_exit_status_is_1_with_one_line_on_stderr
 client start-up without its data file            test_client_without_its_data_file_names_prepare_data
 checkpoint with no matching keys                 test_run_inference.py::test_pt_whose_keys_do_not_fit_is_refused,
-                                                 test_train.py::test_received_weights_load_strictly_by_name
+                                                 test_engine.py::test_received_weights_load_strictly_by_name
 output dir not writable                          test_prepare_data.py::test_output_dir_not_writable (+ without
                                                  write permission); run_inference:
                                                  test_run_inference_output_dir_not_writable
