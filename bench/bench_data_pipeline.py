@@ -96,7 +96,7 @@ def timed_trainers(run: Run):
     """Every Trainer built inside gets the step timer.
 
     train_round builds its Trainer internally; DEFAULT_CALLBACKS is the list every Trainer reads when
-    it is constructed, so this times the real path without changing train.py.
+    it is constructed, so this times the real path without changing train/engine.py.
     """
     from transformers import trainer as hf_trainer
 

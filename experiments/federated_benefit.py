@@ -315,7 +315,7 @@ def train_in_parallel(runs: list[tuple], train: TrainConfig) -> list[float]:
 
 
 def run_fedavg(exp: ExperimentConfig, train: TrainConfig, paths: Paths):
-    """The job.py FedAvg job in the NVFlare simulator; returns fl_job's Summary."""
+    """The job.py FedAvg job in the NVFlare simulator; returns fl.summary's Summary."""
     from qwen3vl_sft.config import DataConfig, ModelConfig
     from qwen3vl_sft.fl import job as fl_job
     from qwen3vl_sft.fl.summary import summarize

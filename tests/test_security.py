@@ -55,7 +55,7 @@ def is_true(node) -> bool:
 
 def test_sources_are_found():
     names = {p.name for p in SOURCES}
-    assert {"server.py", "inference.py", "checkpoints.py", "job.py", "run_inference.py"} <= names
+    assert {"server.py", "loading.py", "checkpoints.py", "resume.py", "job.py", "run_inference.py"} <= names
 
 
 def loads_unsafely(func: str, call: ast.Call) -> bool:
@@ -109,7 +109,9 @@ def test_a_checkpoint_that_runs_code_is_refused_everywhere(tiny_model_dir, tmp_p
     from qwen3vl_sft.eval.loading import Checkpoint, CheckpointError, detect, read_weights_file
 
     with pytest.raises(CheckpointError, match="weights_only"):
-        read_weights_file(path)  # the one reader of .pt files (checkpoints.py, inference.py)
+        read_weights_file(
+            path
+        )  # the one reader of .pt files (eval/loading.py; model/checkpoints.py and fl/resume.py call it)
     with pytest.raises(DataError, match="--resume: .*weights_only"):
         resume.completed_rounds(path)  # job.py --resume
     with pytest.raises(CheckpointError, match="weights_only"):

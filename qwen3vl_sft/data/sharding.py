@@ -230,7 +230,7 @@ def _collect_range(path: str, images: ImageIndex, start: int, stop: int | None) 
     builder, skipped, total = _PoolBuilder(), Counter(), 0
     for scanned in scan_records(path, start, stop):
         total += 1
-        record = scanned.raw  # fast view: exact for structure and ASCII text (see records.py)
+        record = scanned.raw  # fast view: exact for structure and ASCII text (see json_scan.py)
         reason, missing = inspect_record(record)
         if not reason:
             if not (scanned.ascii or _ascii_fields(record)):
