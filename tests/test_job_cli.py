@@ -265,3 +265,14 @@ def test_a_symlinked_clone_python_is_kept_as_the_link(tmp_path):
     link.symlink_to(sys.executable)
     paths = fl_job.absolute_backend_paths(BackendConfig(qwen3vl_python=str(link)), JobConfig())
     assert paths["qwen3vl_python"] == str(link)
+
+
+def test_a_malformed_gpu_flag_is_a_usage_error_reported_like_a_data_error():
+    from qwen3vl_sft.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--gpu '0,1' is malformed: use one bracketed list per site"):
+        fl_job.gpu_groups(JobConfig(gpu="0,1"), 0)
+    with pytest.raises(UsageError, match="has 2 groups but --n_clients is 3"):
+        fl_job.gpu_groups(JobConfig(gpu="[0],[1]"), 0)
+    assert fl_job.gpu_groups(JobConfig(gpu="[0],[1],[2]"), 0) == [[0], [1], [2]]
+    assert issubclass(UsageError, DataError)  # job.py's one handler prints it in one line
