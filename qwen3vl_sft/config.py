@@ -2,15 +2,17 @@
 
 Settings that are not a flag's default live with their purpose: ``job.py --demo``'s overrides in
 :mod:`qwen3vl_sft.demo` (applied only to flags left at their default), fixed evaluation settings (batch,
-short-answer length) in :mod:`qwen3vl_sft.eval.evaluate`, and the keyword defaults of functions the
+short-answer length) in :mod:`qwen3vl_sft.eval.evaluate` and :mod:`qwen3vl_sft.eval.metrics`, and the keyword defaults of functions the
 tests and benchmarks call directly.
 
 The same classes serve every entry point:
 
-* ``python prepare_data.py``           -> :class:`PrepareDataConfig`
-* ``python -m qwen3vl_sft.train.engine``      -> :class:`ModelConfig`, :class:`DataConfig`, :class:`TrainConfig`
-* ``client.py`` (inside NVFlare)       -> the same three, built by job.py and passed as flags
-* ``python job.py``                    -> :class:`JobConfig` plus the three above
+* ``python prepare_data.py``             -> :class:`PrepareDataConfig`
+* ``python -m qwen3vl_sft.train.engine`` -> :class:`ModelConfig`, :class:`DataConfig`, :class:`TrainConfig`
+* ``client.py`` (inside NVFlare)         -> :data:`SITE_CONFIGS` (those three, :class:`BackendConfig`,
+  :class:`ExchangeConfig`), written by job.py with :func:`to_flags`
+* ``python job.py``                      -> :data:`JOB_CONFIGS` (:class:`JobConfig` plus the site's)
+* ``python run_inference.py``            -> :class:`InferenceConfig`
 
 Command lines are generated from the fields with ``transformers.HfArgumentParser``; the help text of
 each flag is the field's ``metadata["help"]``.

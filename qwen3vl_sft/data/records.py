@@ -1,4 +1,4 @@
-"""PubMedVision-format records: loading, validation, ``<image>`` placeholders and image paths.
+"""PubMedVision-format records: the schema, validation (skip reasons), ``<image>`` placeholders, image paths.
 
 A record looks like::
 
