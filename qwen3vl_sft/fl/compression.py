@@ -94,18 +94,18 @@ def quantize(tensor: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tens
     blocks = _blocks(tensor)
     # NF4's scales are bf16 (0.4 % of a scale is nothing beside 4-bit steps): 0.53 instead of 0.56 B/element.
     # The codes are computed against the rounded scale, so decoding reproduces them exactly.
-    absmax = torch.cat([blocks[start : start + CHUNK_BLOCKS].abs().amax(dim=1)
-                        for start in range(0, blocks.shape[0], CHUNK_BLOCKS)]).to(scale_dtype(codec)).float()  # fmt: skip
-    codes = []
+    codes, scales = [], []
     for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        chunk, scale = blocks[start : start + CHUNK_BLOCKS], absmax[start : start + CHUNK_BLOCKS]
+        chunk = blocks[start : start + CHUNK_BLOCKS]
+        scale = chunk.abs().amax(dim=1).to(scale_dtype(codec)).float()
+        scales.append(scale)
         unit = chunk / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]  # in [-1, 1]
         if codec == "int8":
             codes.append(torch.round(unit * INT8_MAX).to(torch.int8).reshape(-1))
         else:
             index = torch.bucketize(unit.reshape(-1), NF4_MIDPOINTS).to(torch.uint8)
             codes.append(index[0::2] | (index[1::2] << 4))
-    return torch.cat(codes), absmax.to(scale_dtype(codec))
+    return torch.cat(codes), torch.cat(scales).to(scale_dtype(codec))
 
 
 def scale_dtype(codec: str) -> torch.dtype:
