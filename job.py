@@ -1,7 +1,7 @@
 """Federated Qwen3-VL fine-tuning with FedAvg on NVIDIA FLARE.
 
     python job.py --demo                                  # CPU demo: tiny model + synthetic data, minutes
-    python job.py --n_clients 3 --num_rounds 3 --data_dir ./data --max_steps 100 --gpu "[0],[1],[2]"
+    python job.py --num_sites 3 --num_rounds 3 --data_dir ./data --max_steps 100 --gpu "[0],[1],[2]"
     python job.py --env poc ...                           # real server + clients as processes
     python job.py --env prod --startup_kit <admin kit> ...  # a provisioned deployment (docs/production.md)
     python job.py --export_dir ./fl_job ...               # job folder for `nvflare job submit`

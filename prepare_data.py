@@ -2,7 +2,7 @@
 
     git lfs install && git clone https://huggingface.co/datasets/FreedomIntelligence/PubMedVision
     python prepare_data.py                                   # 3 IID sites under ./data
-    python prepare_data.py --split modality --num_clients 4  # each site holds whole modalities
+    python prepare_data.py --split modality --num_sites 4  # each site holds whole modalities
     python prepare_data.py --split dirichlet --alpha 0.3 --subset_size 5000
 
 Writes ``<output_dir>/site-N/train.json`` and ``site-N/val.json`` (JSON arrays in the source format,

@@ -119,8 +119,8 @@ def phases(args, work: Path) -> list[tuple[str, list[str]]]:
         ("data", python("-m", "qwen3vl_sft.data.synthetic", "--output", data, "--num_records", args.num_records,
                         "--realistic")),
         ("shards", python("prepare_data.py", "--data_file", data / DATA_FILE_NAME,
-                          "--output_dir", shards, "--num_clients", 1)),
-        ("round", python("job.py", "--model_name_or_path", model, "--data_dir", shards, "--n_clients", 1,
+                          "--output_dir", shards, "--num_sites", 1)),
+        ("round", python("job.py", "--model_name_or_path", model, "--data_dir", shards, "--num_sites", 1,
                          "--num_rounds", 1, "--lora", "true", "--max_steps", args.max_steps,
                          "--per_device_train_batch_size", 1, "--val_max_new_tokens", 4, "--workspace", ws)),
     ]  # fmt: skip

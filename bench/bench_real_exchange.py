@@ -77,7 +77,7 @@ def shards(work: Path, sites: int) -> Path:
     out = work / f"shards-{sites}"
     if not (out / "manifest.json").is_file():
         data = synthetic.generate(work / "data", synthetic.SyntheticSpec(num_records=20 * sites))
-        prepare_shards(PrepareDataConfig(data_file=str(data), output_dir=str(out), num_clients=sites))
+        prepare_shards(PrepareDataConfig(data_file=str(data), output_dir=str(out), num_sites=sites))
     return out
 
 
@@ -206,7 +206,7 @@ def run_env(env: str, args, work: Path, model_dir: Path, data_dir: Path, message
 
     workspace = work / f"workspace-{env}"
     shutil.rmtree(workspace, ignore_errors=True)  # this bench's own folder: a rerun's logs never mix in
-    job = JobConfig(n_clients=args.sites, num_rounds=args.rounds, data_dir=str(data_dir), env=env,
+    job = JobConfig(num_sites=args.sites, num_rounds=args.rounds, data_dir=str(data_dir), env=env,
                     workspace=str(workspace), job_name=f"exchange-{env}")  # fmt: skip
     exchange = ExchangeConfig(exchange=args.exchange, compression=args.compression)
     recipe = fl_job.build_recipe(job, ModelConfig(model_name_or_path=str(model_dir)), DataConfig(),

@@ -245,13 +245,13 @@ def federated_data(work: Path, records: int) -> Path:
 
     data_file = synthetic.ensure(work / "synth", synthetic.SyntheticSpec(num_records=records))
     out = work / "data"
-    prepare_shards(PrepareDataConfig(data_file=str(data_file), output_dir=str(out), num_clients=2))
+    prepare_shards(PrepareDataConfig(data_file=str(data_file), output_dir=str(out), num_sites=2))
     return out
 
 
 def job_command(model_dir: Path, data_dir: Path, work: Path, args) -> list[str]:
     """job.py flags: 1 round, 2 sites; on the GPU both on GPU 0; validation answers kept short."""
-    cmd = [sys.executable, os.path.join(REPO, "job.py"), "--n_clients", "2", "--num_rounds", "1",
+    cmd = [sys.executable, os.path.join(REPO, "job.py"), "--num_sites", "2", "--num_rounds", "1",
            "--max_steps", str(args.fl_steps), "--model_name_or_path", str(model_dir),
            "--data_dir", str(data_dir), "--workspace", str(work / "workspace"), "--job_name", "gpu-check",
            "--disable_progress_bar", "true", "--val_max_new_tokens", "16", "--logging_steps", "1"]  # fmt: skip

@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_name_or_path", default="", help="Config dir (default: exact 2B config).")
     parser.add_argument("--tokens", type=int, default=DataConfig.model_max_length, help="Tokens per sample.")
-    parser.add_argument("--sites", type=int, default=JobConfig.n_clients, help="Sites sending results.")
+    parser.add_argument("--sites", type=int, default=JobConfig.num_sites, help="Sites sending results.")
     parser.add_argument("--json", default="", help="Also write the figures to this JSON file.")
     args = parser.parse_args(argv)
     if args.tokens < 1:

@@ -88,7 +88,7 @@ def build_data(exp: CommunicationConfig, work: Path) -> tuple[Path, Path]:
     data_dir = work / "data"
     if not (data_dir / "test.json").is_file():
         prepare_shards(
-            PrepareDataConfig(data_file=str(data_file), output_dir=str(data_dir), num_clients=exp.num_sites)
+            PrepareDataConfig(data_file=str(data_file), output_dir=str(data_dir), num_sites=exp.num_sites)
         )
     return model_dir, data_dir
 
@@ -104,7 +104,7 @@ def run_mode(exp, mode: str, lr: float, model_dir: Path, data_dir: Path, work: P
 
     model_changes, exchange_changes = MODES[mode]
     name = f"{mode}-lr{lr:g}"
-    job = JobConfig(n_clients=exp.num_sites, num_rounds=exp.num_rounds, data_dir=str(data_dir),
+    job = JobConfig(num_sites=exp.num_sites, num_rounds=exp.num_rounds, data_dir=str(data_dir),
                     workspace=str(work / "jobs"), job_name=name, master_port_base=exp.master_port_base)  # fmt: skip
     model = ModelConfig(model_name_or_path=str(model_dir), **model_changes)
     train = TrainConfig(learning_rate=lr, max_steps=exp.max_steps, per_device_train_batch_size=exp.batch_size,

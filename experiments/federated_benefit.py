@@ -171,7 +171,7 @@ def split_data(exp: ExperimentConfig, data_file: Path, data_dir: Path) -> tuple[
         config = PrepareDataConfig(
             data_file=str(data_file),
             output_dir=str(data_dir),
-            num_clients=exp.num_sites,
+            num_sites=exp.num_sites,
             split=exp.split,
             alpha=exp.alpha,
             dirichlet_key="body_part",  # location answers follow the body part
@@ -321,7 +321,7 @@ def run_fedavg(exp: ExperimentConfig, train: TrainConfig, paths: Paths):
     from qwen3vl_sft.fl.summary import summarize
 
     job = JobConfig(
-        n_clients=exp.num_sites,
+        num_sites=exp.num_sites,
         num_rounds=exp.num_rounds,
         data_dir=str(paths.data_dir),
         workspace=str(paths.out / "workspace"),

@@ -36,6 +36,9 @@ HF_DATASET_ID = "FreedomIntelligence/PubMedVision"
 # Training and inference accept the same weight dtypes, resolved the same way (modeling.resolve_dtype).
 DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPE_HELP = "Weight dtype: auto = bfloat16 on CUDA, float32 on CPU."
+# The seed README counted sites with --n_clients (job.py) and --num_clients (prepare_data.py); both
+# scripts accept both, as aliases of the one name this package uses, --num_sites.
+SITE_COUNT_ALIASES = ["--n_clients", "--num_clients"]
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -63,7 +66,7 @@ class PrepareDataConfig:
         "Records whose images are missing are dropped and counted.",
     )
     output_dir: str = option("./data", "Where site-*/train.json, test.json and manifest.json are written.")
-    num_clients: int = option(3, "Number of sites (site-1 .. site-N).")
+    num_sites: int = option(3, "Number of sites (site-1 .. site-N).", aliases=SITE_COUNT_ALIASES)
     subset_size: int | None = option(
         None, "Cap on training records per site (default: no cap); val.json shrinks in proportion."
     )
@@ -216,7 +219,7 @@ class TrainConfig:
 class JobConfig:
     """Options of job.py: the federated job around the engine."""
 
-    n_clients: int = option(3, "Number of sites (site-1 .. site-N).")
+    num_sites: int = option(3, "Number of sites (site-1 .. site-N).", aliases=SITE_COUNT_ALIASES)
     num_rounds: int = option(3, "FedAvg rounds.")
     data_dir: str = option("./data", "Folder with site-*/train.json (from prepare_data.py).")
     gpu: str = option(
@@ -224,7 +227,9 @@ class JobConfig:
     )
     nproc_per_client: int = option(1, "Processes (GPUs) per site, started with torchrun.")
     master_port_base: int = option(29500, "torchrun --master_port of site-1; site-i uses base + i - 1.")
-    min_clients: int = option(0, "Sites that must answer each round (0 = all sites).")
+    min_sites: int = option(
+        0, "Sites that must answer each round (0 = all sites).", aliases=["--min_clients"]
+    )
     workspace: str = option("/tmp/nvflare/qwen3vl_fedavg", "NVFlare workspace root.")
     job_name: str = option("qwen3-vl-fedavg", "NVFlare job name.")
     env: Literal["sim", "poc", "prod"] = option(

@@ -23,7 +23,7 @@ from .model import tiny
 
 DEMO_DIR = Path("demo")
 # Measured on 2 CPU cores: 3 sites x 5 rounds x 100 steps reach 96 % held-out accuracy in under 3 minutes.
-DEMO_JOB = {"n_clients": 3, "num_rounds": 5, "job_name": "qwen3-vl-fedavg-demo"}
+DEMO_JOB = {"num_sites": 3, "num_rounds": 5, "job_name": "qwen3-vl-fedavg-demo"}
 DEMO_TRAIN = {
     "learning_rate": 1e-3,
     "per_device_train_batch_size": 16,
@@ -45,7 +45,7 @@ def prepare_demo(job: JobConfig, model: ModelConfig, data: DataConfig, train: Tr
     )
     job = with_defaults(job, {**DEMO_JOB, "data_dir": str(DEMO_DIR / "data")})
     prepare_shards(
-        PrepareDataConfig(data_file=str(data_file), output_dir=job.data_dir, num_clients=job.n_clients),
+        PrepareDataConfig(data_file=str(data_file), output_dir=job.data_dir, num_sites=job.num_sites),
     )
     model = with_defaults(model, {"model_name_or_path": str(model_dir)})
     return job, model, with_defaults(data, DEMO_DATA), with_defaults(train, DEMO_TRAIN)

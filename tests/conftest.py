@@ -96,7 +96,7 @@ def shards(synth_file, tmp_path_factory) -> Path:
     from qwen3vl_sft.data.prepare import prepare_shards
 
     out = tmp_path_factory.mktemp("shards")
-    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=3))
+    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_sites=3))
     return out
 
 
@@ -170,5 +170,5 @@ def realistic_shards(realistic_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("realistic_shards")
     data_file = realistic_dir / synthetic.DATA_FILE_NAME
-    prepare_shards(PrepareDataConfig(data_file=str(data_file), output_dir=str(out), num_clients=2))
+    prepare_shards(PrepareDataConfig(data_file=str(data_file), output_dir=str(out), num_sites=2))
     return out

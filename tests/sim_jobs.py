@@ -28,7 +28,7 @@ def job_configs(
 ) -> tuple[JobConfig, ModelConfig, DataConfig, TrainConfig]:
     """A job of a few tiny rounds on free ports; ``torch_threads=1`` makes float results machine-independent."""
     job = JobConfig(data_dir=str(data_dir), workspace=str(workspace), num_rounds=num_rounds,
-                    master_port_base=free_port_base(max(4, job_kw.get("n_clients", 3))), **job_kw)  # fmt: skip
+                    master_port_base=free_port_base(max(4, job_kw.get("num_sites", 3))), **job_kw)  # fmt: skip
     train = TrainConfig(max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
                         disable_progress_bar=True, torch_threads=torch_threads)  # fmt: skip
     data = DataConfig(dataloader_num_workers=0, **(data_kw or {}))

@@ -23,11 +23,11 @@ image path escaping the image root               test_records.py::test_resolve_i
                                                  test_records.py::test_image_index_reports_missing_and...,
                                                  test_escaping_image_path_is_skipped_without_opening_it
 missing training file                            test_missing_training_file_names_prepare_data
---gpu malformed / not matching --n_clients /     test_job_flag_is_refused_with_one_line[gpu-*]
+--gpu malformed / not matching --num_sites /     test_job_flag_is_refused_with_one_line[gpu-*]
 not matching --nproc_per_client
 unknown site data dir (no site-N/train.json)     test_job_flag_is_refused_with_one_line[site-missing,
                                                  data-dir-missing]
---n_clients 0, --resume with nothing saved       test_job_flag_is_refused_with_one_line[n-clients-0, resume]
+--num_sites 0, --resume with nothing saved       test_job_flag_is_refused_with_one_line[num-sites-0, resume]
 model dir that is not Qwen3-VL                   job.py: test_job_flag_is_refused_with_one_line[not-qwen3vl];
                                                  client start-up: test_client_refuses_a_model_that_is_not...;
                                                  run_inference: test_run_inference.py::test_paths_that_are...
@@ -179,11 +179,11 @@ def not_qwen(tmp_path_factory) -> Path:
 
 JOB_CASES = {
     "gpu-malformed": (["--gpu", "[0],[1"], ["--gpu '[0],[1' is malformed", 'e.g. "[0],[1],[2]"']),
-    "gpu-vs-n-clients": (["--gpu", "[0],[1]"], ["--gpu '[0],[1]' has 2 groups but --n_clients is 3"]),
+    "gpu-vs-num-sites": (["--gpu", "[0],[1]"], ["--gpu '[0],[1]' has 2 groups but --num_sites is 3"]),
     "gpu-vs-nproc": (["--gpu", "[0],[1],[2]", "--nproc_per_client", "2"], ["each group needs --nproc_per_client=2"]),
-    "site-missing": (["--n_clients", "4"], ["site-4/train.json does not exist", "prepare_data.py --num_clients N"]),
+    "site-missing": (["--num_sites", "4"], ["site-4/train.json does not exist", "prepare_data.py --num_sites N"]),
     "data-dir-missing": (["--data_dir", "{tmp}/none"], ["none/site-1/train.json does not exist", "prepare_data.py"]),
-    "n-clients-0": (["--n_clients", "0"], ["--n_clients must be at least 1, got 0"]),
+    "num-sites-0": (["--num_sites", "0"], ["--num_sites must be at least 1, got 0"]),
     "resume": (["--resume", "true"], ["--resume: no FL_global_model.pt under", "nothing to resume"]),
     "not-qwen3vl": (["--model_name_or_path", "{bert}"], ["--model_name_or_path", "model_type 'bert' is not Qwen3-VL"]),
 }  # fmt: skip
@@ -193,11 +193,11 @@ JOB_CASES = {
 def test_job_flag_is_refused_with_one_line(case, tiny_model_dir, site_dirs, not_qwen, tmp_path, capsys):
     extra, fragments = JOB_CASES[case]
     extra = [arg.format(tmp=tmp_path, bert=not_qwen) for arg in extra]
-    argv = ["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(site_dirs), "--n_clients", "3",
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(site_dirs), "--num_sites", "3",
             "--workspace", str(tmp_path / "ws"), *extra]  # fmt: skip
     # The refusal must come before anything is written. An exported job's data folder may be the sites'
     # alone (not on this machine), so a missing one is refused for a job run here only.
-    if case not in {"gpu-malformed", "gpu-vs-n-clients", "gpu-vs-nproc", "data-dir-missing"}:
+    if case not in {"gpu-malformed", "gpu-vs-num-sites", "gpu-vs-nproc", "data-dir-missing"}:
         argv += ["--export_dir", str(tmp_path / "export")]
     with pytest.raises(SystemExit) as exit_:
         job.main(argv)
@@ -215,7 +215,7 @@ def test_job_exit_status_is_1_with_one_line_on_stderr(site_dirs, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: --n_clients must be at least 1, got 0"
+    assert proc.stderr.strip() == "error: --num_sites must be at least 1, got 0"
 
 
 # --------------------------------------------------------------------------- client start-up

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3vl_sft.config import BackendConfig, DataConfig, ModelConfig, site_local_paths
+from qwen3vl_sft.config import (
+    JOB_CONFIGS,
+    BackendConfig,
+    DataConfig,
+    ModelConfig,
+    PrepareDataConfig,
+    parse,
+    site_local_paths,
+)
 from qwen3vl_sft.errors import DataError
 
 
@@ -30,3 +38,15 @@ def test_a_variable_this_machine_lacks_is_named(monkeypatch):
         DataError, match=r"^--data_path \$NOT_ON_THIS_SITE/train.json: the variable is not set"
     ):
         site_local_paths(DataConfig(data_path="$NOT_ON_THIS_SITE/train.json"))
+
+
+@pytest.mark.parametrize("flag", ["--num_sites", "--n_clients", "--num_clients"])
+def test_every_site_count_flag_sets_num_sites_in_both_scripts(flag):
+    # The seed README counted sites with --n_clients (job.py) and --num_clients (prepare_data.py).
+    (job, *_) = parse(JOB_CONFIGS, [flag, "5"])
+    (prepare,) = parse((PrepareDataConfig,), [flag, "5"])
+    assert job.num_sites == prepare.num_sites == 5
+
+
+def test_min_clients_is_an_alias_of_min_sites():
+    assert parse(JOB_CONFIGS, ["--min_clients", "2"])[0].min_sites == 2

@@ -29,7 +29,7 @@ def test_demo_set_up_builds_model_data_and_shards_in_an_empty_folder(tmp_path, m
     manifest = json.loads((tmp_path / job.data_dir / "manifest.json").read_text())
     assert sorted(manifest["sites"]) == ["site-1", "site-2", "site-3"]
     assert manifest["source"]["records"] == DEMO_RECORDS
-    assert (job.n_clients, job.num_rounds) == (3, 2)  # the demo's sites; the flag given explicitly wins
+    assert (job.num_sites, job.num_rounds) == (3, 2)  # the demo's sites; the flag given explicitly wins
     assert (train.learning_rate, train.max_steps) == (DEMO_TRAIN["learning_rate"], DEMO_TRAIN["max_steps"])
     assert data.cache_samples and data.dataloader_num_workers == 0
 

@@ -14,7 +14,7 @@ kill while the global model is being saved     test_kill_while_saving_leaves_the
                                                SIGKILL inside torch.save of the .pt / the HF shard write)
 disk full while saving the global model        test_disk_full_while_saving_keeps_the_last_complete_files
 a resumed run killed before its first save     test_a_crashed_resumed_run_can_be_resumed_again
-fewer sites than --min_clients answer          test_too_few_sites_stop_the_job_without_saving
+fewer sites than --min_sites answer          test_too_few_sites_stop_the_job_without_saving
 a site receives an empty global model          test_a_site_refuses_an_empty_global_model
 secrets in the environment of a running job    test_secrets_in_the_environment_never_reach_the_workspace
 server memory round over round                 bench/bench_server_memory.py (a figure, not a test)
@@ -69,11 +69,9 @@ EXCHANGE = ExchangeConfig(exchange="weights")
 # --------------------------------------------------------------------------- helpers
 
 
-def configs(
-    workspace: Path, data_dir: Path, model_dir: Path, n_clients: int, min_clients: int = 0, **data_kw
-):
+def configs(workspace: Path, data_dir: Path, model_dir: Path, num_sites: int, min_sites: int = 0, **data_kw):
     """Three rounds of two steps, one thread: a resumed run can equal an uninterrupted one bit for bit."""
-    return job_configs(workspace, model_dir, data_dir, n_clients=n_clients, min_clients=min_clients,
+    return job_configs(workspace, model_dir, data_dir, num_sites=num_sites, min_sites=min_sites,
                        num_rounds=3, max_steps=2, torch_threads=1, data_kw=data_kw)  # fmt: skip
 
 
@@ -145,10 +143,10 @@ def saved_model(job: JobConfig) -> dict:
 
 @pytest.fixture(scope="module")
 def killed_site_run(tiny_model_dir, shards, tmp_path_factory):
-    """Run A: 3 sites, --min_clients 2, 3 rounds; site-3's process is SIGKILLed in round 0.
+    """Run A: 3 sites, --min_sites 2, 3 rounds; site-3's process is SIGKILLed in round 0.
     WANDB_API_KEY is set in the job's environment (for the secrets test)."""
     root = tmp_path_factory.mktemp("killed_site")
-    cfg = configs(root / "ws", shards, tiny_model_dir, n_clients=3, min_clients=2)
+    cfg = configs(root / "ws", shards, tiny_model_dir, num_sites=3, min_sites=2)
     killer = SiteKiller(root / "ws", "site-3", at_round=0)
     killer.start()
     try:
@@ -168,7 +166,7 @@ def stopped_and_resumed(tiny_model_dir, synth_dir, shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("stopped")
     images = root / "image_root"
     shutil.copytree(synth_dir, images)  # a private copy: the outage renames it
-    cfg = configs(root / "ws", shards, tiny_model_dir, n_clients=2, image_root=str(images))
+    cfg = configs(root / "ws", shards, tiny_model_dir, num_sites=2, image_root=str(images))
     job = cfg[0]
     with pytest.raises(RuntimeError, match="Simulation failed") as failure:
         run_job(cfg, root / "sent", outage=DataOutage(str(images), at_round=1))
@@ -375,7 +373,7 @@ def test_too_few_sites_stop_the_job_without_saving(tiny_model_dir, tmp_path):
     save_round(persistor, fl_ctx, initial, 1)
     assert (
         len(panics) == 1
-        and "only 1 site(s) returned a model this round, fewer than --min_clients 2" in panics[0]
+        and "only 1 site(s) returned a model this round, fewer than --min_sites 2" in panics[0]
     )
     assert torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["meta"]["round"] == 0
 

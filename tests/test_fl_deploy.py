@@ -17,14 +17,14 @@ from qwen3vl_sft.data.prepare import prepare_shards
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-SMALL_RUN = ["--n_clients", "2", "--num_rounds", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
+SMALL_RUN = ["--num_sites", "2", "--num_rounds", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
              "--disable_progress_bar", "true", "--dataloader_num_workers", "0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def two_site_shards(synth_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards2")
-    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_clients=2))
+    prepare_shards(PrepareDataConfig(data_file=str(synth_file), output_dir=str(out), num_sites=2))
     return out
 
 

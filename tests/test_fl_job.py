@@ -41,9 +41,7 @@ def server_dir(job) -> Path:
 
 def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_model_dir, shards, tmp_path):
     data_dir = break_site(shards, "site-3", tmp_path / "data")
-    job, model, data, train = job_configs(
-        tmp_path / "ws", tiny_model_dir, data_dir, n_clients=3, min_clients=2
-    )
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, data_dir, num_sites=3, min_sites=2)
     summary = run_sim_job(job, model, data, train, record_dir=tmp_path / "sent")
 
     sent = {p.stem: load_file(p) for p in (tmp_path / "sent").glob("round1-*.safetensors")}
@@ -111,7 +109,7 @@ def test_fedavg_is_the_sample_weighted_mean_and_a_broken_site_is_excluded(tiny_m
 
 def test_lora_job_with_two_processes_per_site(tiny_model_dir, shards, tmp_path):
     job, model, data, train = job_configs(
-        tmp_path / "ws", tiny_model_dir, shards, n_clients=2, nproc_per_client=2
+        tmp_path / "ws", tiny_model_dir, shards, num_sites=2, nproc_per_client=2
     )
     job = dataclasses.replace(job, num_rounds=1)
     model = dataclasses.replace(model, lora=True, lora_r=4, lora_alpha=8)
@@ -135,7 +133,7 @@ def test_lora_job_with_two_processes_per_site(tiny_model_dir, shards, tmp_path):
 
 
 def test_resume_continues_at_the_next_round_from_the_saved_model(tiny_model_dir, shards, tmp_path):
-    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, n_clients=2)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, num_sites=2)
     run_sim_job(dataclasses.replace(job, num_rounds=1), model, data, train)
     first = torch.load(server_dir(job) / "FL_global_model.pt", weights_only=True)["model"]
     summary = run_sim_job(
@@ -161,7 +159,7 @@ def test_a_site_whose_torchrun_cannot_start_ends_the_job_with_the_reason(
     import socket
     import time
 
-    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, n_clients=2)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, num_sites=2)
     job = dataclasses.replace(job, num_rounds=1)
     monkeypatch.setattr(fl_job, "port_is_free", lambda port: True)
     with socket.socket() as busy:
@@ -189,7 +187,7 @@ def test_field_shaped_data_trains_validates_keeps_the_best_model_and_evaluates_a
     import os
     import subprocess
 
-    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, realistic_shards, n_clients=2)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, realistic_shards, num_sites=2)
     summary = run_sim_job(job, model, data, train)
     assert {(r["round"], r["site"]) for r in summary.rows} == {(0, "site-1"), (0, "site-2"), (1, "site-1"),
                                                               (1, "site-2")}  # fmt: skip

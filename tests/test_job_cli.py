@@ -26,9 +26,9 @@ def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
     ("flags", "message"),
     [
         (["--num_rounds", "0"], "--num_rounds must be at least 1, got 0"),
-        (["--n_clients", "0"], "--n_clients must be at least 1"),
+        (["--num_sites", "0"], "--num_sites must be at least 1"),
         (["--nproc_per_client", "0"], "--nproc_per_client must be at least 1"),
-        (["--min_clients", "4"], "--min_clients must be between 0 (all sites) and --n_clients 3, got 4"),
+        (["--min_sites", "4"], "--min_sites must be between 0 (all sites) and --num_sites 3, got 4"),
         (["--master_port_base", "80"], "--master_port_base must be in 1024..65532, got 80"),
         (["--max_steps", "0"], "--max_steps must be a positive step count or -1"),
         (["--learning_rate", "0"], "--learning_rate must be > 0"),
@@ -80,7 +80,7 @@ def test_a_missing_data_dir_names_the_file_and_the_command(tmp_path, tiny_model_
     code, _ = run_main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(tmp_path / "nodata"),
                         "--workspace", str(tmp_path / "ws")], capsys)  # fmt: skip
     assert code == f"error: {tmp_path / 'nodata' / 'site-1' / 'train.json'} does not exist: run prepare_data.py " \
-        f"--num_clients N --output_dir {tmp_path / 'nodata'} first"  # fmt: skip
+        f"--num_sites N --output_dir {tmp_path / 'nodata'} first"  # fmt: skip
 
 
 def test_ctrl_c_ends_with_one_line_and_exit_code_130(tiny_model_dir, shards, tmp_path, capsys, monkeypatch):
@@ -106,12 +106,12 @@ def listening_port() -> socket.socket:
 def test_a_busy_master_port_is_replaced_by_a_free_one(capsys):
     with listening_port() as busy:
         port = busy.getsockname()[1]
-        ports = fl_job.master_ports(JobConfig(n_clients=3, master_port_base=port))
+        ports = fl_job.master_ports(JobConfig(num_sites=3, master_port_base=port))
         assert port not in ports and len(set(ports)) == 3 and ports[0] > port
         assert all(fl_job.port_is_free(p) for p in ports)
         assert f"port {port} is in use on this machine; using {ports[0]} instead" in capsys.readouterr().out
         # an exported job runs elsewhere: its ports are the ones asked for
-        exported = JobConfig(n_clients=3, master_port_base=port, export_dir="x")
+        exported = JobConfig(num_sites=3, master_port_base=port, export_dir="x")
         assert fl_job.master_ports(exported) == [port, port + 1, port + 2]
 
 
@@ -121,14 +121,14 @@ def test_site_ports_in_the_ephemeral_range_get_a_note_and_ports_below_it_none(tm
     monkeypatch.setattr(fl_job, "EPHEMERAL_RANGE_FILE", ranges)
     monkeypatch.setattr(fl_job, "port_is_free", lambda port: True)
 
-    assert fl_job.master_ports(JobConfig(n_clients=2, master_port_base=39999)) == [39999, 40000]
+    assert fl_job.master_ports(JobConfig(num_sites=2, master_port_base=39999)) == [39999, 40000]
     assert capsys.readouterr().out == (
         "note: --master_port_base: ports 39999..40000 are in this machine's ephemeral range (40000-50000), "
         "where NVFlare picks its own listening ports after this check; one could take a site's port (its "
         "torchrun then ends with EADDRINUSE). A --master_port_base below 40000 avoids that.\n"
     )
-    assert fl_job.master_ports(JobConfig(n_clients=2, master_port_base=39998)) == [39998, 39999]
-    exported = JobConfig(n_clients=2, master_port_base=45000, export_dir="x")
+    assert fl_job.master_ports(JobConfig(num_sites=2, master_port_base=39998)) == [39998, 39999]
+    exported = JobConfig(num_sites=2, master_port_base=45000, export_dir="x")
     assert fl_job.master_ports(exported) == [45000, 45001]
     assert capsys.readouterr().out == ""  # below the range, or run elsewhere: nothing to say
 
@@ -272,7 +272,7 @@ def test_a_malformed_gpu_flag_is_a_usage_error_reported_like_a_data_error():
 
     with pytest.raises(UsageError, match=r"^--gpu '0,1' is malformed: use one bracketed list per site"):
         fl_job.gpu_groups(JobConfig(gpu="0,1"), 0)
-    with pytest.raises(UsageError, match="has 2 groups but --n_clients is 3"):
+    with pytest.raises(UsageError, match="has 2 groups but --num_sites is 3"):
         fl_job.gpu_groups(JobConfig(gpu="[0],[1]"), 0)
     assert fl_job.gpu_groups(JobConfig(gpu="[0],[1],[2]"), 0) == [[0], [1], [2]]
     assert issubclass(UsageError, DataError)  # job.py's one handler prints it in one line

@@ -276,7 +276,7 @@ def test_every_site_works_in_a_folder_of_its_own(config, tmp_path, monkeypatch):
     from qwen3vl_sft.fl import job as fl_job
 
     shared = BackendConfig(backend="official", qwen3vl_root=str(FAKE_ROOT), work_dir="work")
-    site_backends = fl_job.site_backends(JobConfig(n_clients=2), shared, taken=[29500, 29501])
+    site_backends = fl_job.site_backends(JobConfig(num_sites=2), shared, taken=[29500, 29501])
     assert {b.work_dir for b in site_backends} == {str(tmp_path / "work")}  # made absolute where typed
     backends = [from_config(config, b, site=f"site-{i + 1}") for i, b in enumerate(site_backends)]
     dirs = [b.checkpoints_dir for b in backends]
@@ -408,7 +408,7 @@ def test_job_gives_each_sites_child_torchrun_a_port_of_its_own():
     sites' child torchruns collided."""
     from qwen3vl_sft.fl import job as fl_job
 
-    job = JobConfig(n_clients=3, master_port_base=29500)
+    job = JobConfig(num_sites=3, master_port_base=29500)
     for chosen, expected in ((0, [29600, 29601, 29602]), (40000, [40000, 40001, 40002])):
         backend = BackendConfig(backend="official", official_master_port=chosen)
         backends = fl_job.site_backends(job, backend, taken=[29500, 29501, 29502])
@@ -424,7 +424,7 @@ def test_federated_job_trains_each_site_on_its_own_data_in_the_clones_python(
     from sim_jobs import job_configs, run_sim_job
 
     monkeypatch.chdir(tmp_path)
-    job, model, data, train = job_configs(tmp_path / "ws", tiny_model, shards, n_clients=2)
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model, shards, num_sites=2)
     job.num_rounds, train.max_steps, train.per_device_train_batch_size = 1, 1, 1
     backend = BackendConfig(
         backend="official", qwen3vl_root=str(FAKE_ROOT), qwen3vl_python=str(clone_env_python), work_dir="work"

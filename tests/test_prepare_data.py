@@ -270,8 +270,8 @@ def test_dirichlet_small_alpha_is_skewed_and_iid_is_not(tmp_path):
 
 
 def test_group_split_with_too_few_groups_is_an_error(dataset, tmp_path, capsys):
-    rc, _, err = run(dataset, tmp_path / "data", "--split", "modality", "--num_clients", 6, capsys=capsys)
-    assert rc != 0 and "--split modality" in err and "--num_clients" in err
+    rc, _, err = run(dataset, tmp_path / "data", "--split", "modality", "--num_sites", 6, capsys=capsys)
+    assert rc != 0 and "--split modality" in err and "--num_sites" in err
 
 
 # --------------------------------------------------------------------------- errors
@@ -302,17 +302,17 @@ def test_malformed_json_names_the_file_and_line(dataset, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--num_clients", 0), ("--num_clients", -2), ("--val_fraction", 1.0), ("--alpha", 0)]
+    ("flag", "value"), [("--num_sites", 0), ("--num_sites", -2), ("--val_fraction", 1.0), ("--alpha", 0)]
 )
 def test_bad_flags_name_the_flag(dataset, tmp_path, capsys, flag, value):
     rc, _, err = run(dataset, tmp_path / "data", flag, value, capsys=capsys)
     assert_one_line_error(rc, err, flag)
 
 
-def test_fewer_records_than_clients(tmp_path, capsys):
+def test_fewer_records_than_sites(tmp_path, capsys):
     data = write_dataset(tmp_path / "src", n=4)  # 4 usable records, 0 test
-    rc, _, err = run(data, tmp_path / "data", "--num_clients", 5, capsys=capsys)
-    assert_one_line_error(rc, err, "only 4 usable records", "--num_clients 5")
+    rc, _, err = run(data, tmp_path / "data", "--num_sites", 5, capsys=capsys)
+    assert_one_line_error(rc, err, "only 4 usable records", "--num_sites 5")
 
 
 def test_output_dir_not_writable(dataset, tmp_path, capsys):

@@ -203,7 +203,7 @@ def test_unlinked_records_split_exactly_as_the_record_level_algorithm(tmp_path):
     """Without shared images or ids the split is the plain one: a seeded permutation, the test set
     first, np.array_split over the sites, each site's first round(n * val_fraction) as val."""
     data = write(tmp_path, [record(i) for i in range(101)])
-    cfg = PrepareDataConfig(data_file=str(data), num_clients=3, seed=5, val_fraction=0.2, test_fraction=0.1)
+    cfg = PrepareDataConfig(data_file=str(data), num_sites=3, seed=5, val_fraction=0.2, test_fraction=0.1)
     pool = sharding.collect(str(data), ImageIndex(str(tmp_path)))
     split = sharding.split_pool(pool, cfg)
     perm = np.random.default_rng(5).permutation(101)
@@ -247,9 +247,9 @@ def test_val_fraction_0_writes_no_val_json_and_says_so(tmp_path, capsys):
 def test_test_fraction_0_writes_no_test_json_and_removes_a_stale_one(tmp_path, capsys):
     data = write(tmp_path, [record(i) for i in range(40)])
     out = tmp_path / "out"
-    assert run(data, out, "--num_clients", 4)[0] == 0
+    assert run(data, out, "--num_clients", 4)[0] == 0  # the seed README's flag
     assert (out / "test.json").is_file() and (out / "site-4").is_dir()
-    rc, stdout, _ = run(data, out, "--test_fraction", 0, "--num_clients", 2, capsys=capsys)
+    rc, stdout, _ = run(data, out, "--test_fraction", 0, "--num_sites", 2, capsys=capsys)
     assert rc == 0
     # a test.json left from the first run would hold records this run trains on; site-3/4 are stale
     assert sorted(os.listdir(out)) == ["manifest.json", "site-1", "site-2"]
@@ -268,16 +268,16 @@ def test_a_requested_held_out_set_is_never_empty(tmp_path, flags):
 
 def test_a_site_too_small_for_a_val_set_is_a_one_line_error(tmp_path, capsys):
     data = write(tmp_path, [record(i) for i in range(5)])
-    rc, _, err = run(data, tmp_path / "out", "--num_clients", 4, capsys=capsys)
-    assert_one_line_error(rc, err, "site-", "--val_fraction", "--num_clients")
-    assert run(data, tmp_path / "out", "--num_clients", 4, "--val_fraction", 0)[0] == 0
+    rc, _, err = run(data, tmp_path / "out", "--num_sites", 4, capsys=capsys)
+    assert_one_line_error(rc, err, "site-", "--val_fraction", "--num_sites")
+    assert run(data, tmp_path / "out", "--num_sites", 4, "--val_fraction", 0)[0] == 0
 
 
 def test_a_linked_group_too_large_for_the_sites_is_a_one_line_error(tmp_path, capsys):
     records = [record(i, images=["images/same.jpg"]) for i in range(10)] + [record(10)]
     data = write(tmp_path, records)
-    rc, _, err = run(data, tmp_path / "out", "--num_clients", 3, "--test_fraction", 0, capsys=capsys)
-    assert_one_line_error(rc, err, "share images", "--num_clients 3")
+    rc, _, err = run(data, tmp_path / "out", "--num_sites", 3, "--test_fraction", 0, capsys=capsys)
+    assert_one_line_error(rc, err, "share images", "--num_sites 3")
 
 
 @pytest.mark.parametrize(

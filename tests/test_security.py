@@ -132,7 +132,7 @@ def test_secrets_stay_out_of_an_exported_job(tiny_model_dir, tmp_path, monkeypat
         (tmp_path / "data" / f"site-{i}").mkdir(parents=True)
         (tmp_path / "data" / f"site-{i}" / "train.json").write_text("[]")
     export = tmp_path / "exported"
-    job.main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(tmp_path / "data"), "--n_clients", "2",
+    job.main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(tmp_path / "data"), "--num_sites", "2",
               "--wandb", "true", "--export_dir", str(export)])  # fmt: skip
     assert "Job exported" in capsys.readouterr().out
     files = [p for p in export.rglob("*") if p.is_file()]

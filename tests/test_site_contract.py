@@ -54,7 +54,7 @@ def test_defaults_write_no_flags_and_parse_back_to_defaults():
 def test_a_sites_train_args_parse_into_the_jobs_configs(shards, tmp_path):
     """site_configs -> shlex -> client.py's parse: the job's configs, with only the site's own paths and
     the site-side settings job.py sets (output folder, no tracking, thread share) replaced."""
-    job = JobConfig(n_clients=2, data_dir=str(shards), workspace=str(tmp_path / "ws"))
+    job = JobConfig(num_sites=2, data_dir=str(shards), workspace=str(tmp_path / "ws"))
     model = ModelConfig(model_name_or_path=str(tmp_path), lora=True, lora_r=4, tune_mm_vision=True)
     data = DataConfig(max_pixels=4096, val_generate_samples=3)
     train = TrainConfig(learning_rate=3e-4, max_steps=7, seed=11, torch_threads=1)

@@ -426,8 +426,8 @@ class Split:
 
 def check_config(cfg: PrepareDataConfig) -> None:
     """Refuse flag values that cannot work, naming the flag, before anything is read."""
-    if cfg.num_clients <= 0:
-        raise DataError(f"--num_clients must be at least 1 (got {cfg.num_clients})")
+    if cfg.num_sites <= 0:
+        raise DataError(f"--num_sites must be at least 1 (got {cfg.num_sites})")
     for flag in ("val_fraction", "test_fraction"):
         value = getattr(cfg, flag)
         if not 0.0 <= value < 1.0:  # also refuses nan
@@ -521,8 +521,8 @@ def _label_sites(labels: np.ndarray, sizes: np.ndarray, k: int, key: str, names:
     codes = np.unique(labels)
     if len(codes) < k:
         raise DataError(
-            f"--split {key} needs at least --num_clients={k} distinct {key} values, found {len(codes)} "
-            f"({', '.join(names[c] for c in codes)}); lower --num_clients or use --split dirichlet"
+            f"--split {key} needs at least --num_sites={k} distinct {key} values, found {len(codes)} "
+            f"({', '.join(names[c] for c in codes)}); lower --num_sites or use --split dirichlet"
         )
     return _balanced(sizes, k, labels, names)
 
@@ -546,18 +546,18 @@ def _dirichlet_sites(
             return site
     raise DataError(
         f"--split dirichlet left a site empty in 100 draws (--alpha {alpha}, {int(sizes.sum())} records, "
-        f"--num_clients {k}); raise --alpha or lower --num_clients"
+        f"--num_sites {k}); raise --alpha or lower --num_sites"
     )
 
 
 def _assign(pool: Pool, rest: _Seq, cfg: PrepareDataConfig, rng: np.random.Generator) -> list[_Seq]:
     """The records of each site.  A linked group goes by the label of its first record."""
-    k = cfg.num_clients
+    k = cfg.num_sites
     starts, sizes = rest.runs()
     if len(sizes) < k:
         raise DataError(
             f"the {len(rest.rows)} records left after the test set form only {len(sizes)} groups of records "
-            f"that share images or ids (a group stays on one site) for --num_clients {k}: use fewer "
+            f"that share images or ids (a group stays on one site) for --num_sites {k}: use fewer "
             "clients, a smaller --test_fraction, or a larger data file"
         )
     if cfg.split == "iid":
@@ -587,7 +587,7 @@ def _val_and_train(site: _Seq, cfg: PrepareDataConfig, name: str) -> tuple[np.nd
         linked = " (one group of records sharing images or ids)" if len(site.rows) > 1 else ""
         raise DataError(
             f"{name} has {len(site.rows)} record(s){linked}: too few to hold out --val_fraction {vf} as its "
-            "val.json and still train on something; use fewer --num_clients, more data, or --val_fraction 0 "
+            "val.json and still train on something; use fewer --num_sites, more data, or --val_fraction 0 "
             "(no val.json)"
         )
     val, train = site.take(chosen).rows, site.take(~chosen).rows
@@ -605,7 +605,7 @@ def split_pool(pool: Pool, cfg: PrepareDataConfig, links: Links | None = None) -
     orders groups by their earliest record in the permutation, so without links the order is the
     permutation itself and the split is the plain record-level one.
     """
-    k, n = cfg.num_clients, len(pool)
+    k, n = cfg.num_sites, len(pool)
     root = (links or link_records(pool)).root
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(n)
@@ -618,7 +618,7 @@ def split_pool(pool: Pool, cfg: PrepareDataConfig, links: Links | None = None) -
     n_test = min(_held_out(cfg.test_fraction, n), n)
     if n - n_test < k:
         raise DataError(
-            f"only {n} usable records ({n - n_test} after the test set) for --num_clients {k}: "
+            f"only {n} usable records ({n - n_test} after the test set) for --num_sites {k}: "
             "use fewer clients, a smaller --test_fraction, or a larger data file"
         )
     in_test = _fill_front(seq.runs()[1], n_test)
@@ -799,7 +799,7 @@ _OUR_ENTRY = re.compile(r"site-\d+|test\.json")  # what a previous run may leave
 
 def _stale_entries(output_dir: str, keep: set[str]) -> list[str]:
     """Entries a previous run's manifest lists that this run does not write (a ``test.json`` when
-    ``--test_fraction`` is now 0, ``site-5`` after ``--num_clients`` went from 5 to 3): left in place
+    ``--test_fraction`` is now 0, ``site-5`` after ``--num_sites`` went from 5 to 3): left in place
     they would mix old records, possibly this run's test records, into a job.
     """
     try:
@@ -888,6 +888,6 @@ def write_outputs(
                 "Free some space or pass another --output_dir"
             ) from None
         raise
-    written = [f"site-{i}" for i in range(1, cfg.num_clients + 1)]
+    written = [f"site-{i}" for i in range(1, cfg.num_sites + 1)]
     _publish(stage, cfg, written + (["test.json"] if "test.json" in files else []))
     return manifest

@@ -63,15 +63,15 @@ EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 SITE_EXIT_SECONDS = 30.0  # NVFlare's own session-control timeout (nvflare.client.cell.defs)
 
 
-def site_names(n_clients: int) -> list[str]:
-    if n_clients <= 0:
-        raise UsageError(f"--n_clients must be at least 1, got {n_clients}")
-    return [f"site-{i}" for i in range(1, n_clients + 1)]
+def site_names(num_sites: int) -> list[str]:
+    if num_sites <= 0:
+        raise UsageError(f"--num_sites must be at least 1, got {num_sites}")
+    return [f"site-{i}" for i in range(1, num_sites + 1)]
 
 
 def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     """Refuse, in one line naming the flag, values the job could only fail on later (inside NVFlare)."""
-    site_names(job.n_clients)
+    site_names(job.num_sites)
     check_data_flags(data)
     check_model_flags(model)
     at_least_one = {"--num_rounds": job.num_rounds, "--nproc_per_client": job.nproc_per_client,
@@ -80,12 +80,12 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
     for flag, value in at_least_one.items():
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if not 0 <= job.min_clients <= job.n_clients:
-        raise UsageError(f"--min_clients must be between 0 (all sites) and --n_clients {job.n_clients}, "
-                        f"got {job.min_clients}")  # fmt: skip
-    if not 1024 <= job.master_port_base <= MAX_PORT - job.n_clients:
+    if not 0 <= job.min_sites <= job.num_sites:
+        raise UsageError(f"--min_sites must be between 0 (all sites) and --num_sites {job.num_sites}, "
+                        f"got {job.min_sites}")  # fmt: skip
+    if not 1024 <= job.master_port_base <= MAX_PORT - job.num_sites:
         raise UsageError(
-            f"--master_port_base must be in 1024..{MAX_PORT - job.n_clients}, got {job.master_port_base}"
+            f"--master_port_base must be in 1024..{MAX_PORT - job.num_sites}, got {job.master_port_base}"
         )
     if train.max_steps == 0 or train.max_steps < -1:
         raise UsageError(
@@ -123,15 +123,15 @@ def gpu_groups(job: JobConfig, cuda_devices: int) -> list[list[int]] | None:
             return None
         return [
             list(range(i * job.nproc_per_client, (i + 1) * job.nproc_per_client))
-            for i in range(job.n_clients)
+            for i in range(job.num_sites)
         ]
     if not re.fullmatch(r"\s*\[\s*\d+(\s*,\s*\d+)*\s*\](\s*,\s*\[\s*\d+(\s*,\s*\d+)*\s*\])*\s*", job.gpu):
         raise UsageError(
             f'--gpu {job.gpu!r} is malformed: use one bracketed list per site, e.g. "[0],[1],[2]"'
         )
     groups = [[int(x) for x in g.split(",")] for g in re.findall(r"\[([^\]]*)\]", job.gpu)]
-    if len(groups) != job.n_clients:
-        raise UsageError(f"--gpu {job.gpu!r} has {len(groups)} groups but --n_clients is {job.n_clients}")
+    if len(groups) != job.num_sites:
+        raise UsageError(f"--gpu {job.gpu!r} has {len(groups)} groups but --num_sites is {job.num_sites}")
     if any(len(g) != job.nproc_per_client for g in groups):
         raise UsageError(
             f"--gpu {job.gpu!r}: each group needs --nproc_per_client={job.nproc_per_client} GPUs"
@@ -176,7 +176,7 @@ def site_data(data: DataConfig, job: JobConfig, site: str) -> DataConfig:
         return site_data_config  # a site without val.json skips validation (fl.client.check_site_paths)
     if not train.is_file():
         raise DataError(
-            f"{train} does not exist: run prepare_data.py --num_clients N --output_dir {data_dir} first"
+            f"{train} does not exist: run prepare_data.py --num_sites N --output_dir {data_dir} first"
         )
     from ..data.samples import resolve_image_root
 
@@ -234,7 +234,7 @@ def ephemeral_ports() -> tuple[int, int]:
 
 def master_ports(job: JobConfig) -> list[int]:
     """torchrun --master_port of each site: unique, from --master_port_base, free on this machine."""
-    wanted = [job.master_port_base + i for i in range(job.n_clients)]
+    wanted = [job.master_port_base + i for i in range(job.num_sites)]
     return free_ports(wanted, "--master_port_base", check=not runs_elsewhere(job))
 
 
@@ -255,10 +255,10 @@ def site_backends(job: JobConfig, backend: BackendConfig, taken: list[int]) -> l
     """The backend flags of each site: the official backend's child torchrun gets a port of its own
     per site, counted from --official_master_port or --master_port_base + 100 (and not in ``taken``)."""
     if backend.backend != "official":
-        return [backend] * job.n_clients
+        return [backend] * job.num_sites
     backend = dataclasses.replace(backend, **absolute_backend_paths(backend, job))
     base = backend.official_master_port or job.master_port_base + 100
-    wanted = [base + i for i in range(job.n_clients)]
+    wanted = [base + i for i in range(job.num_sites)]
     ports = free_ports(wanted, "--official_master_port", check=not runs_elsewhere(job))
     if set(ports) & set(taken):
         raise DataError(
@@ -318,7 +318,7 @@ def cpu_threads_per_site(job: JobConfig) -> int:
 
     if torch.cuda.is_available() or runs_elsewhere(job):
         return 0
-    return max(1, (os.cpu_count() or 1) // (job.n_clients * job.nproc_per_client))
+    return max(1, (os.cpu_count() or 1) // (job.num_sites * job.nproc_per_client))
 
 
 def _recipe_class():
@@ -333,7 +333,7 @@ def _recipe_class():
 
         def _get_controller_kwargs(self):
             # ignore_result_error: a crashed site is left out of the round instead of aborting the job;
-            # the persistor enforces --min_clients on what was actually aggregated.
+            # the persistor enforces --min_sites on what was actually aggregated.
             return {
                 **super()._get_controller_kwargs(),
                 "start_round": self._start_round,
@@ -370,7 +370,7 @@ def build_recipe(
     recipe = _recipe_class()(
         start_round=start_round,
         name=job.job_name,
-        min_clients=job.n_clients,  # NVFlare samples this many sites per round: all of them
+        min_clients=job.num_sites,  # NVFlare samples this many sites per round: all of them
         num_rounds=job.num_rounds - start_round,
         train_script=str(site_script or REPO_DIR / "client.py"),  # absolute: job.py runs from any folder
         launch_external_process=True,
@@ -412,7 +412,7 @@ def global_model_persistor(
     return GlobalModelPersistor(
         model_config=dataclasses.asdict(model),
         fp32_master=exchange.exchange == "update",
-        min_sites=job.min_clients or job.n_clients,
+        min_sites=job.min_sites or job.num_sites,
         model={"path": "model.Qwen3VLGlobalModel", "args": {"model_config": dataclasses.asdict(model)}},
         # Elsewhere, the checkpoint travels with the job: a relative name, which NVFlare's persistor looks
         # up in the server app's custom/ folder (build_recipe adds the file there).
@@ -442,7 +442,7 @@ def site_configs(
     ports = master_ports(job)
     backends = site_backends(job, backend, ports)
     per_site, validated = {}, 0
-    for site, port, site_backend in zip(site_names(job.n_clients), ports, backends, strict=True):
+    for site, port, site_backend in zip(site_names(job.num_sites), ports, backends, strict=True):
         site_data_config = site_data(data, job, site)
         validated += bool(site_data_config.eval_data_path)
         flags = to_flags(model, site_data_config, train_site, site_backend, exchange)
@@ -547,15 +547,15 @@ def execution_env(job: JobConfig, cuda_devices: int):
         if job.verbose:
             from nvflare.recipe.poc_env import PocEnv
 
-            return PocEnv(num_clients=job.n_clients, gpu_ids=gpu_ids)
+            return PocEnv(num_clients=job.num_sites, gpu_ids=gpu_ids)
         from .prod import quiet_poc
 
-        return quiet_poc(num_clients=job.n_clients, gpu_ids=gpu_ids)
+        return quiet_poc(num_clients=job.num_sites, gpu_ids=gpu_ids)
     gpu_config = ",".join("[" + ",".join(map(str, g)) + "]" for g in groups) if groups else None
     return SimEnv(
-        num_clients=job.n_clients,
-        clients=site_names(job.n_clients),
-        num_threads=job.n_clients,
+        num_clients=job.num_sites,
+        clients=site_names(job.num_sites),
+        num_threads=job.num_sites,
         gpu_config=gpu_config,
         workspace_root=job.workspace,
         log_config=None if job.verbose else files_only_log_config(),
@@ -629,7 +629,7 @@ def run_prod_job(job: JobConfig, recipe, image_root: str = "") -> Summary:
     """Submit through the admin's kit, follow the job to its end, fetch its result under --workspace."""
     from .prod import COMPLETED, nvflare_command
 
-    print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds on the deployment of "
+    print(f"Federated job {job.job_name}: {job.num_sites} sites, {job.num_rounds} rounds on the deployment of "
           f"{Path(job.startup_kit).resolve()}; logs: each party's <kit>/log.txt and <kit>/<job id>/log.txt")  # fmt: skip
     try:
         run = recipe.run(execution_env(job, 0))  # submits; the deployment runs it
@@ -666,13 +666,13 @@ def job_console(job: JobConfig, search_dir: Path, start_round: int):
     from .console_view import ConsoleRunner, JobView
 
     where = "the NVFlare simulator" if job.env == "sim" else "NVFlare PoC"
-    print(f"Federated job {job.job_name}: {job.n_clients} sites, {job.num_rounds} rounds in {where} "
+    print(f"Federated job {job.job_name}: {job.num_sites} sites, {job.num_rounds} rounds in {where} "
           "(--verbose prints NVFlare's full log stream)")  # fmt: skip
     # PoC provisions its kits, each with its log.txt, under <poc workspace>/<project>/prod_00.
     kits = f"{search_dir}/<project>/prod_00" if job.env == "poc" else str(search_dir)
     print(f"Logs: server {kits}/server/log.txt; sites {kits}/site-N/log.txt "
           "(training: site-N/**/qwen3vl_client.log)")  # fmt: skip
-    view = JobView(site_names(job.n_clients), job.num_rounds, start_round)
+    view = JobView(site_names(job.num_sites), job.num_rounds, start_round)
     live = sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb"
     with ConsoleRunner(view, search_dir, sys.stdout, live=live):
         yield

@@ -212,7 +212,7 @@ class GlobalModelPersistor(_persistor_base()):
         self._refused = 0 < aggregated < self.min_sites
         if self._refused:
             self.system_panic(
-                f"only {aggregated} site(s) returned a model this round, fewer than --min_clients {self.min_sites}; "
+                f"only {aggregated} site(s) returned a model this round, fewer than --min_sites {self.min_sites}; "
                 f"the job stops and keeps the last global model in {self.log_dir}; {RESUME_HINT}",
                 fl_ctx,
             )
