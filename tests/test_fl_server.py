@@ -1,22 +1,27 @@
 """fl.server: the server's global model holds only the exchanged tensors, read from the base checkpoint's
 safetensors by name without building the model (the tiny model); RoundMemoryRelease on NVFlare's own
 context, shareables and learnables, fired the events FedAvg fires in a round: the result and the
-replaced global are emptied once spent, nothing else. Fast."""
+replaced global are emptied once spent, nothing else; SharedGlobalFedAvg's task is its own broadcast
+copy, on the attribute NVFlare's dispatcher checks, and job.py's recipe runs it. Fast."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 
 import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.wf_comm_server import WFCommServer
+from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from safetensors.torch import load_file
 
 from qwen3vl_sft.config import ModelConfig
-from qwen3vl_sft.fl.server import GlobalModel, RoundMemoryRelease
+from qwen3vl_sft.fl.server import GlobalModel, RoundMemoryRelease, SharedGlobalFedAvg
 from qwen3vl_sft.model.weights import EXCHANGE_DTYPE, exchanged_names, meta_model
 
 
@@ -99,3 +104,29 @@ def test_a_lora_global_model_starts_as_a_no_op_adapter(tiny_model_dir):
     assert any(t.abs().sum() > 0 for n, t in state.items() if ".lora_A." in n)
     model.load_state_dict({"x": torch.ones(1)})
     assert list(model.state_dict()) == ["x"]  # what FedAvg hands back replaces the tensors
+
+
+def test_the_broadcast_task_is_its_own_copy_on_the_attribute_nvflares_dispatcher_checks():
+    controller = SharedGlobalFedAvg(num_clients=2, num_rounds=1)
+    task = controller._prepare_task(data=FLModel(params=weights()), task_name="train", timeout=0,
+                                    callback=lambda result: None)  # fmt: skip
+    assert task._broadcast_data is task.data
+    # NVFlare deep-copies a broadcast task's data unless this attribute exists, then sends what it holds:
+    # if a new NVFlare renames it, this fails instead of the server quietly holding the copy again.
+    dispatch = inspect.getsource(inspect.getmodule(WFCommServer))
+    assert 'hasattr(task, "_broadcast_data")' in dispatch
+    assert 'getattr(task, "_broadcast_data", task.data)' in dispatch
+
+
+def test_job_recipes_run_the_shared_global_fedavg_with_the_recipes_settings(tiny_model_dir, shards, tmp_path):
+    from sim_jobs import job_configs
+
+    from qwen3vl_sft.fl import job as fl_job
+
+    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, num_sites=2, num_rounds=4)
+    fl_job.build_recipe(job, model, data, train).export(str(tmp_path / "export"))
+    (config,) = (tmp_path / "export").rglob("config_fed_server.json")
+    (controller,) = [w for w in json.loads(config.read_text())["workflows"] if w["id"] == "controller"]
+    assert controller["path"] == "qwen3vl_sft.fl.server.SharedGlobalFedAvg"  # what NVFlare instantiates
+    args = controller["args"]
+    assert (args["num_rounds"], args["num_clients"], args["ignore_result_error"]) == (4, 2, True)

@@ -340,6 +340,15 @@ def _recipe_class():
                 "ignore_result_error": True,
             }
 
+        def _create_controller(self, *args, **kwargs):
+            from .server import SharedGlobalFedAvg
+
+            controller = super()._create_controller(*args, **kwargs)
+            # The recipe builds its FedAvg from a dozen of its settings; the subclass has the same
+            # constructor and state, so re-typing that object keeps every setting without repeating them.
+            controller.__class__ = SharedGlobalFedAvg
+            return controller
+
     return ResumableFedAvgRecipe
 
 

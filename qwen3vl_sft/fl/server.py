@@ -13,7 +13,7 @@ atomically, ``global_model_hf/`` (an HF directory, or a PEFT adapter directory w
 score (``val_loss`` by default: it exists for every data set, long answers included).  Sites validate the global model they *receive*, so round r's score belongs to the model saved in
 round r-1: the persistor promotes that one.  An empty aggregate (every site failed) is refused: the job
 stops with the previous global model on disk instead of sending an empty model on.
-:class:`RoundMemoryRelease` frees each round's spent messages (a site's result once it is in FedAvg's sum,
+:class:`SharedGlobalFedAvg` sends the global without NVFlare's per-task copy of it; :class:`RoundMemoryRelease` frees each round's spent messages (a site's result once it is in FedAvg's sum,
 the sent global once the aggregate replaces it) and has the server return large freed buffers to the OS.
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from nvflare.apis.fl_component import FLComponent
+from nvflare.app_common.workflows.fedavg import FedAvg
 
 from ..config import ModelConfig, site_local_paths
 from ..fileio import atomic_dir, atomic_path, atomic_write_json
@@ -55,6 +56,26 @@ class GlobalModel(torch.nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ARG002
         self._tensors = dict(state_dict)
+
+
+class SharedGlobalFedAvg(FedAvg):
+    """NVFlare's FedAvg, sending the round's global to every site without a private copy of it.
+
+    NVFlare 2.9's task dispatcher deep-copies a broadcast task's data before its first send, in case a
+    callback changes it while sites download it, and keeps the copy until the task ends: one more whole
+    message on the server through the round's downloads and uploads. Here nothing changes the sent global
+    while the task runs: the per-site output filter (``GlobalEncoder``) builds a new Shareable, the
+    aggregate goes into a dict of its own, and with ``--exchange update`` FedAvg adds the mean update
+    into the global only after the task has ended. So the task's data is marked as its own broadcast copy.
+    bench_real_exchange.py (1 site, 2 of 28 layers, bf16 weights): the server's peak went from 4.2-5.3x
+    the message to 3.0-3.9x, in the simulator and in PoC.
+    """
+
+    def _prepare_task(self, *args, **kwargs):
+        task = super()._prepare_task(*args, **kwargs)
+        # The dispatcher (nvflare.apis.impl.wf_comm_server) copies only when this attribute is missing.
+        task._broadcast_data = task.data
+        return task
 
 
 class RoundMemoryRelease(FLComponent):
