@@ -150,30 +150,45 @@ def test_resume_continues_at_the_next_round_from_the_saved_model(tiny_model_dir,
         fl_job.build_recipe(dataclasses.replace(job, resume=True), model, data, train)
 
 
+# A start-up failure ends the job in ~25 s on a 2-core machine (measured); past this the test has hung.
+STARTUP_FAILURE_SECONDS = 120
+
+
 def test_a_site_whose_torchrun_cannot_start_ends_the_job_with_the_reason(
     tiny_model_dir, shards, tmp_path, monkeypatch
 ):
-    """Another process on site-1's --master_port: site-1's torchrun dies with EADDRINUSE before the
-    Client API handshake, and the job ends at once naming it (it must not wait for site-1). The port
-    check is bypassed here: a process can take the port between the check and the launch."""
+    """Another process on site-2's --master_port: site-2's torchrun dies with EADDRINUSE before the
+    Client API handshake, while site-1 starts normally, and the job ends at once naming site-2, the port
+    and what to do (it must not wait for site-2). The port check is bypassed here: a process can take
+    the port between the check and the launch (another job.py run, a listener NVFlare opens)."""
     import socket
     import time
 
-    job, model, data, train = job_configs(tmp_path / "ws", tiny_model_dir, shards, num_sites=2)
-    job = dataclasses.replace(job, num_rounds=1)
-    monkeypatch.setattr(fl_job, "port_is_free", lambda port: True)
-    with socket.socket() as busy:
-        busy.bind(("", job.master_port_base))
+    from hang_watch import watch_for_hang
+
+    job, model, data, train = job_configs(
+        tmp_path / "ws", tiny_model_dir, shards, num_sites=2, num_rounds=1, max_steps=2
+    )
+    port = job.master_port_base + 1  # site-2's
+    monkeypatch.setattr(fl_job, "port_is_free", lambda _: True)
+    with (
+        socket.socket() as busy,
+        watch_for_hang("startup failure", tmp_path, STARTUP_FAILURE_SECONDS) as hung,
+    ):
+        busy.bind(("", port))
         busy.listen()
         recipe = fl_job.build_recipe(job, model, data, train)
         start = time.monotonic()
         with pytest.raises(fl_job.JobFailed) as failure:
             fl_job.run_job(job, recipe, 0)
-    assert time.monotonic() - start < 240
+        took = time.monotonic() - start
+    assert not hung and took < STARTUP_FAILURE_SECONDS
     message = str(failure.value)
-    assert message.startswith("the federated job stopped at start-up: site-1 stopped: ")
-    assert "EADDRINUSE" in message and f"port: {job.master_port_base}" in message
-    assert str(Path(job.workspace) / job.job_name / "site-1" / "log.txt") in message
+    assert message.startswith("the federated job stopped at start-up: site-2 stopped: ")
+    assert "EADDRINUSE" in message and f"port: {port}" in message
+    assert f"another process listens on port {port}: run again" in message
+    assert "or pass another --master_port_base" in message
+    assert str(Path(job.workspace) / job.job_name / "site-2" / "log.txt") in message
     assert "\n" not in message
 
 

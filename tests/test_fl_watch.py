@@ -30,6 +30,19 @@ def test_the_cause_is_the_trainers_exception_not_nvflares_wrapper(tmp_path):
     assert cause.endswith("name: EADDRINUSE, message: address already in use")
 
 
+def test_a_busy_port_says_what_to_do(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text(TORCHRUN_EADDRINUSE_LOG)
+    line = describe_site_failure({"site": "site-2", "cause": last_exception_line(log), "log": str(log)})
+    assert line.startswith("site-2 stopped: torch.distributed.DistNetworkError: ")
+    assert line.endswith("; another process listens on port 29500: run again (job.py picks free ports for "
+                         f"sites on this machine) or pass another --master_port_base (log: {log})")  # fmt: skip
+    # other failures get no advice
+    assert describe_site_failure({"site": "s", "cause": "ValueError: port: 5", "log": "/l"}) == (
+        "s stopped: ValueError: port: 5 (log: /l)"
+    )
+
+
 def test_rank_prefixed_lines_and_a_missing_log(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text(

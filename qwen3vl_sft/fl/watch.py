@@ -1,7 +1,9 @@
 """Failures that end the federated job with their reason, instead of a hang or a traceback 100 lines up.
 
     python job.py --master_port_base 29500 ...   # while something listens on 29500: the job ends with
-                                                 # "site-1 stopped: ... EADDRINUSE ... (log: .../log.txt)"
+                                                 # "site-1 stopped: ... EADDRINUSE ...; another process
+                                                 # listens on port 29500: run again (...) or pass another
+                                                 # --master_port_base (log: .../log.txt)"
 
 Two NVFlare components, added to every job by :func:`qwen3vl_sft.fl.job.build_recipe`:
 
@@ -36,6 +38,8 @@ REPORT_TIMEOUT = 10.0  # seconds the dying site waits for the server to take its
 # "torch.distributed.DistNetworkError: The server socket ...", "[rank0]: ValueError: ..." in a log line
 EXCEPTION_LINE = re.compile(r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)): (\S.*)$")
 # NVFlare's own wrappers around the trainer's death: they say that it died, not why
+# torch's "... port: 29500, useIpv6: false, code: -98, name: EADDRINUSE, ..." (the port its store wanted)
+EADDRINUSE_PORT = re.compile(r"\bport: (\d+)\b")
 WRAPPER_MESSAGES = ("before completing the HELLO handshake", "failed to initialize", "FATAL_SYSTEM_ERROR")
 LOG_TAIL_BYTES = 256 * 1024
 
@@ -86,9 +90,22 @@ class SiteFailureReporter(FLComponent):
         )
 
 
+def remedy(cause: str) -> str:
+    """What to do about a start-up failure whose fix is known, as a clause to append, or ''."""
+    busy = EADDRINUSE_PORT.search(cause) if "EADDRINUSE" in cause else None
+    if busy:
+        # For sites on this machine job.py found the port free, so it was taken in between (another job, a
+        # listener NVFlare opened): a new run picks free ports again. On a site's own machine (an exported
+        # or provisioned job, where job.py checks nothing) the port is simply busy there.
+        return (f"; another process listens on port {busy.group(1)}: run again (job.py picks free ports for "
+                "sites on this machine) or pass another --master_port_base")  # fmt: skip
+    return ""
+
+
 def describe_site_failure(report: dict) -> str:
     cause = report.get("cause") or report.get("reason") or "unknown reason"
-    return f"{report.get('site', 'a site')} stopped: {cause} (log: {report.get('log', 'its log.txt')})"
+    site = report.get("site", "a site")
+    return f"{site} stopped: {cause}{remedy(cause)} (log: {report.get('log', 'its log.txt')})"
 
 
 class JobFailureRecorder(Filter):
