@@ -188,8 +188,10 @@ def test_a_site_whose_torchrun_cannot_start_ends_the_job_with_the_reason(
     assert "EADDRINUSE" in message and f"port: {port}" in message
     assert f"another process listens on port {port}: run again" in message
     assert "or pass another --master_port_base" in message
-    assert str(Path(job.workspace) / job.job_name / "site-2" / "log.txt") in message
+    site_log = Path(job.workspace) / job.job_name / "site-2" / "log.txt"
+    assert str(site_log) in message
     assert "\n" not in message
+    assert "did not take the report" not in site_log.read_text()  # NVFlare's reply reads as taken
 
 
 def test_field_shaped_data_trains_validates_keeps_the_best_model_and_evaluates_as_printed(

@@ -43,6 +43,39 @@ def test_a_busy_port_says_what_to_do(tmp_path):
     )
 
 
+class FlakyServer:
+    """A site engine whose aux requests get the replies in ``codes``, one per request."""
+
+    def __init__(self, *codes: str):
+        self.codes, self.sent = list(codes), []
+
+    def send_aux_request(self, targets, topic, request, timeout, fl_ctx):
+        from nvflare.apis.shareable import make_reply
+
+        self.sent.append((topic, request["site"]))
+        return {"server": make_reply(self.codes.pop(0))}
+
+    def fire_event(self, event_type, fl_ctx):  # log_error announces each error line as an event
+        pass
+
+
+def test_a_lost_report_is_sent_again_and_one_never_taken_is_logged(caplog):
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.apis.shareable import Shareable
+
+    from qwen3vl_sft.fl.watch import REPORT_ATTEMPTS, TOPIC, SiteFailureReporter
+
+    for codes, taken in [((ReturnCode.COMMUNICATION_ERROR, ReturnCode.OK), True),
+                         ((ReturnCode.TIMEOUT,) * REPORT_ATTEMPTS, False)]:  # fmt: skip
+        server, fl_ctx = FlakyServer(*codes), FLContext()
+        fl_ctx.get_engine = lambda server=server: server
+        assert SiteFailureReporter().report(Shareable({"site": "site-2"}), fl_ctx) is taken
+        assert server.sent == [(TOPIC, "site-2")] * len(codes)
+    assert f"the server did not take the report after {REPORT_ATTEMPTS} tries" in caplog.text
+    assert "the job may wait for this site: stop it with Ctrl-C" in caplog.text
+
+
 def test_rank_prefixed_lines_and_a_missing_log(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text(

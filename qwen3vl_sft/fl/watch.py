@@ -11,7 +11,8 @@ Two NVFlare components, added to every job by :func:`qwen3vl_sft.fl.job.build_re
   ``torchrun`` died before the Client API handshake: a busy ``--master_port``, a flag the parser refuses,
   an import error), but in the simulator nothing tells the server, whose round then waits for that site
   forever. The reporter sends the reason, with the
-  last exception line of the site's log, to the server over NVFlare's aux channel.
+  last exception line of the site's log, to the server over NVFlare's aux channel (again if the server
+  did not take it; a report never taken is named in the site's log).
 * :class:`JobFailureRecorder` (server, a task-result filter). It turns such a report into a
   ``system_panic`` that ends the job; it logs each site's failed round (the ``error`` meta of the empty
   result a failing site sends); and it writes the reason of any panic (its own, or the persistor's:
@@ -29,12 +30,13 @@ from pathlib import Path
 from nvflare.apis.event_type import EventType
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.shareable import Shareable, make_reply
 
 FAILURE_FILE = "job_failure.json"
 TOPIC = "qwen3vl_sft.site_failed"
 REPORT_TIMEOUT = 10.0  # seconds the dying site waits for the server to take its report
+REPORT_ATTEMPTS = 3
 # "torch.distributed.DistNetworkError: The server socket ...", "[rank0]: ValueError: ..." in a log line
 EXCEPTION_LINE = re.compile(r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)): (\S.*)$")
 # NVFlare's own wrappers around the trainer's death: they say that it died, not why
@@ -85,9 +87,23 @@ class SiteFailureReporter(FLComponent):
         request = Shareable({"site": fl_ctx.get_identity_name(), "reason": reason, "cause": cause,
                              "log": log_file})  # fmt: skip
         self.log_error(fl_ctx, f"reporting to the server: {cause or reason}")
-        fl_ctx.get_engine().send_aux_request(
-            targets=None, topic=TOPIC, request=request, timeout=REPORT_TIMEOUT, fl_ctx=fl_ctx
-        )
+        self.report(request, fl_ctx)
+
+    def report(self, request: Shareable, fl_ctx) -> bool:
+        """Send ``request`` until the server takes it. This report is the server's only news that the site
+        died (the simulator's server would wait for it forever), so a report lost to a dropped connection
+        is sent again, and one that never arrives is named in this site's log."""
+        codes: list[str] = []
+        for _ in range(REPORT_ATTEMPTS):
+            replies = fl_ctx.get_engine().send_aux_request(
+                targets=None, topic=TOPIC, request=request, timeout=REPORT_TIMEOUT, fl_ctx=fl_ctx
+            )
+            codes = [reply.get_return_code() for reply in (replies or {}).values()]
+            if ReturnCode.OK in codes:
+                return True
+        self.log_error(fl_ctx, f"the server did not take the report after {REPORT_ATTEMPTS} tries (replies: "
+                       f"{codes or 'none'}); the job may wait for this site: stop it with Ctrl-C")  # fmt: skip
+        return False
 
 
 def remedy(cause: str) -> str:
