@@ -115,6 +115,33 @@ def test_a_busy_master_port_is_replaced_by_a_free_one(capsys):
         assert fl_job.master_ports(exported) == [port, port + 1, port + 2]
 
 
+def test_poc_is_refused_while_its_server_port_is_taken(tiny_model_dir, shards, tmp_path, capsys, monkeypatch):
+    with listening_port() as busy:
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(fl_job, "poc_server_port", lambda: port)
+        code, _ = run_main(["--env", "poc", "--model_name_or_path", str(tiny_model_dir), "--data_dir", str(shards),
+                            "--workspace", str(tmp_path / "ws")], capsys)  # fmt: skip
+    assert code == (f"error: --env poc: port {port}, where NVFlare PoC's server listens, is in use on this "
+                    "machine (another PoC or NVFlare server?): stop that, or use --env sim")  # fmt: skip
+    assert not (tmp_path / "ws" / "poc").exists()  # refused before anything was provisioned
+
+
+def test_a_port_left_in_time_wait_is_free_for_a_server_that_reuses_addresses():
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers (PoC's) do
+    server.bind(("", 0))
+    server.listen()
+    with server, socket.create_connection(server.getsockname()) as client:
+        port = server.getsockname()[1]
+        accepted, _ = server.accept()
+        accepted.close()  # the server's side closes first: its end of the connection stays in TIME_WAIT
+        client.recv(1)
+    assert not fl_job.port_is_free(port)
+    assert fl_job.port_is_free(port, reuse_address=True)  # PoC's server binds it
+    with listening_port() as busy:
+        assert not fl_job.port_is_free(busy.getsockname()[1], reuse_address=True)
+
+
 def test_site_ports_in_the_ephemeral_range_get_a_note_and_ports_below_it_none(tmp_path, monkeypatch, capsys):
     ranges = tmp_path / "ip_local_port_range"
     ranges.write_text("40000\t50000\n")

@@ -103,6 +103,8 @@ def check_job(job: JobConfig, model: ModelConfig, data: DataConfig, train: Train
         check_writable(job.export_dir, "--export_dir")
     else:
         check_writable(job.workspace, "--workspace")  # prod: where the job's result is fetched to
+    if job.env == "poc" and not job.export_dir:
+        check_poc_server_port()
     if job.env == "prod" and not job.export_dir:
         if not job.startup_kit:
             raise UsageError(
@@ -185,14 +187,37 @@ def site_data(data: DataConfig, job: JobConfig, site: str) -> DataConfig:
     return dataclasses.replace(site_data_config, eval_data_path=str(val) if val.is_file() else "")
 
 
-def port_is_free(port: int) -> bool:
-    """Whether a TCP server (torchrun's rendezvous store) could listen on ``port`` on this machine."""
+def port_is_free(port: int, reuse_address: bool = False) -> bool:
+    """Whether a TCP server (torchrun's rendezvous store) could listen on ``port`` on this machine.
+    ``reuse_address``: as a server that sets SO_REUSEADDR does, a port whose only users are connections
+    of a server that has ended (TIME_WAIT) counts as free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))  # all interfaces, as torchrun's store binds
         except OSError:
             return False
     return True
+
+
+def poc_server_port() -> int:
+    """The port PoC's server listens on (for sites and admin alike): NVFlare's fixed default."""
+    from nvflare.tool.poc.poc_commands import POC_DEFAULT_FED_LEARN_PORT
+
+    return POC_DEFAULT_FED_LEARN_PORT
+
+
+def check_poc_server_port() -> None:
+    """Refuse PoC while another process (another PoC, an NVFlare server) holds its server's port: the job's
+    admin would reach that server instead (a certificate error after 10 s, a traceback) while its own
+    server retries the bind forever, its processes left running."""
+    port = poc_server_port()
+    # asyncio's servers (NVFlare's) set SO_REUSEADDR: the TIME_WAIT connections a PoC that just ended
+    # leaves on the port do not stop a new one
+    if not port_is_free(port, reuse_address=True):
+        raise DataError(f"--env poc: port {port}, where NVFlare PoC's server listens, is in use on this machine "
+                        "(another PoC or NVFlare server?): stop that, or use --env sim")  # fmt: skip
 
 
 def free_ports(wanted: list[int], flag: str, check: bool) -> list[int]:
