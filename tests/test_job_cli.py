@@ -151,8 +151,8 @@ def test_site_ports_in_the_ephemeral_range_get_a_note_and_ports_below_it_none(tm
     assert fl_job.master_ports(JobConfig(num_sites=2, master_port_base=39999)) == [39999, 40000]
     assert capsys.readouterr().out == (
         "note: --master_port_base: ports 39999..40000 are in this machine's ephemeral range (40000-50000), "
-        "where NVFlare picks its own listening ports after this check; one could take a site's port (its "
-        "torchrun then ends with EADDRINUSE). A --master_port_base below 40000 avoids that.\n"
+        "where the OS hands NVFlare ports after this check; one could take a site's port (its "
+        "torchrun then ends with EADDRINUSE). A --master_port_base below 40000 makes that rare.\n"
     )
     assert fl_job.master_ports(JobConfig(num_sites=2, master_port_base=39998)) == [39998, 39999]
     exported = JobConfig(num_sites=2, master_port_base=45000, export_dir="x")

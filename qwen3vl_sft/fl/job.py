@@ -242,9 +242,11 @@ def free_ports(wanted: list[int], flag: str, check: bool) -> list[int]:
         chosen.append(candidate)
     low, high = ephemeral_ports()
     if check and any(low <= port <= high for port in chosen):
+        # The OS hands out this range to bind(0) (the simulator's server ports) and to every connection;
+        # NVFlare's cell listeners (a site's, for its trainer) pick random ports from 1025 up, anywhere.
         print(f"note: {flag}: ports {chosen[0]}..{chosen[-1]} are in this machine's ephemeral range "
-              f"({low}-{high}), where NVFlare picks its own listening ports after this check; one could take "
-              f"a site's port (its torchrun then ends with EADDRINUSE). A {flag} below {low} avoids that.")  # fmt: skip
+              f"({low}-{high}), where the OS hands NVFlare ports after this check; one could take a site's "
+              f"port (its torchrun then ends with EADDRINUSE). A {flag} below {low} makes that rare.")  # fmt: skip
     return chosen
 
 
