@@ -72,6 +72,23 @@ def test_packet_codes_matrices_keeps_small_tensors_in_fp32_and_counts_its_bytes(
         assert error <= {"none": 0.0, "bf16": 0.004, "int8": 0.01, "nf4": 0.12}[codec]
 
 
+def test_a_packet_of_nvflares_disk_offload_references_decodes_as_the_packet(tmp_path):
+    from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
+    from safetensors.torch import save_file
+
+    tensors = {"proj.weight": torch.randn(64, 128, generator=torch.Generator().manual_seed(1)) * 1e-4,
+               "norm.weight": torch.ones(64)}  # fmt: skip
+    packet = c.encode(tensors, c.Header(kind="delta", codec="int8", round=1, base_round=0))
+    save_file(packet, tmp_path / "received.safetensors")  # as the server's offload writes what arrives
+    files = LazyTensorDict({k: (str(tmp_path / "received.safetensors"), k) for k in packet}, str(tmp_path))
+    received = {k: files.make_lazy_ref(k) for k in packet}  # what FedAvg's server gets with the offload on
+    assert not any(torch.is_tensor(v) for v in received.values())
+    decoded, header = c.decode(received)
+    assert header.shapes == {"proj.weight": [64, 128]}
+    for name, tensor in c.decode(packet)[0].items():
+        assert torch.equal(decoded[name], tensor)
+
+
 def test_decoding_refuses_what_is_not_a_packet_and_unknown_codecs():
     with pytest.raises(c.PacketError, match=c.HEADER_KEY):
         c.decode({"w": torch.zeros(2)})

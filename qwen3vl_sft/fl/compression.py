@@ -162,7 +162,7 @@ def is_packet(params: Mapping | None) -> bool:
 def header_of(packet: Mapping[str, torch.Tensor]) -> Header:
     if HEADER_KEY not in packet:
         raise PacketError(f"not a packet of this example: no {HEADER_KEY} entry")
-    return Header.from_tensor(torch.as_tensor(packet[HEADER_KEY]))
+    return Header.from_tensor(entry(packet, HEADER_KEY))
 
 
 def tensor_names(packet: Mapping[str, torch.Tensor]) -> list[str]:
@@ -173,13 +173,20 @@ def tensor_names(packet: Mapping[str, torch.Tensor]) -> list[str]:
 def decode_tensor(packet: Mapping[str, torch.Tensor], name: str, header: Header) -> torch.Tensor:
     """One fp32 tensor of a packet (always a new tensor: callers add to what they decode, and must not
     change the packet or what it was made from)."""
-    value = torch.as_tensor(packet[name])
+    value = entry(packet, name)
     if name not in header.shapes:
         return value.to(torch.float32, copy=True)
-    scale = packet.get(name + SCALE_SUFFIX)
-    if scale is None:
+    if name + SCALE_SUFFIX not in packet:
         raise PacketError(f"packet entry {name} is quantised but has no {name + SCALE_SUFFIX}")
-    return dequantize(value, torch.as_tensor(scale), header.shapes[name], header.codec)
+    return dequantize(value, entry(packet, name + SCALE_SUFFIX), header.shapes[name], header.codec)
+
+
+def entry(packet: Mapping, key: str) -> torch.Tensor:
+    """``packet[key]`` as a tensor. On a server with NVFlare's tensor disk offload the received entries are
+    references to files, read by their ``materialize()`` (as FedAvg's aggregation helper reads them)."""
+    value = packet[key]
+    materialize = getattr(value, "materialize", None)
+    return torch.as_tensor(materialize() if callable(materialize) else value)
 
 
 def decode(packet: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Header]:

@@ -414,6 +414,10 @@ def build_recipe(
         key_metric=KEY_METRIC,
         key_metric_mode=KEY_METRIC_MODE,
         model_persistor=global_model_persistor(job, model, checkpoint, exchange),
+        # NVFlare 2.9's simulator configures the offload on its parent cell while the job's own cell receives
+        # the results, so there it does not apply (bench_real_exchange: PoC's FedAvg gets lazy refs, the
+        # simulator's gets tensors).
+        enable_tensor_disk_offload=job.server_disk_offload,
         server_memory_gc_rounds=1,  # gc + malloc_trim each round: held memory back to ~1x the model
         # At the end NVFlare sends each site's trainer SHUTDOWN, then waits this long for it to leave on its
         # own before it SIGTERMs the process group. NVFlare's default, 0, SIGTERMs at once, and torchrun
