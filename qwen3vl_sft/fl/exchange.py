@@ -43,6 +43,7 @@ from .compression import (
     decode_tensor,
     encode,
     encode_into,
+    entry,
     fidelity,
     header_of,
     is_packet,
@@ -195,8 +196,9 @@ class DecodedTensor:
 
 
 def materialized(data: Mapping) -> dict[str, torch.Tensor]:
-    """``data`` with every :class:`DecodedTensor` decoded (for readers other than FedAvg's helper)."""
-    return {name: v.materialize() if isinstance(v, DecodedTensor) else v for name, v in data.items()}
+    """``data`` with every deferred value read (a :class:`DecodedTensor`, a disk-offload reference), for
+    readers other than FedAvg's helper, by the rule packets are read with (:func:`.compression.entry`)."""
+    return {name: entry(data, name) for name in data}
 
 
 class UpdateDecoder(_filter_base()):

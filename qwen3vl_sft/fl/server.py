@@ -13,7 +13,8 @@ atomically, ``global_model_hf/`` (an HF directory, or a PEFT adapter directory w
 score (``val_loss`` by default: it exists for every data set, long answers included).  Sites validate the global model they *receive*, so round r's score belongs to the model saved in
 round r-1: the persistor promotes that one.  An empty aggregate (every site failed) is refused: the job
 stops with the previous global model on disk instead of sending an empty model on.
-:class:`SharedGlobalFedAvg` sends the global without NVFlare's per-task copy of it; :class:`RoundMemoryRelease` frees each round's spent messages (a site's result once it is in FedAvg's sum,
+:class:`SharedGlobalFedAvg` sends the global without NVFlare's per-task copy of it.
+:class:`RoundMemoryRelease` frees each round's spent messages (a site's result once it is in FedAvg's sum,
 the sent global once the aggregate replaces it) and has the server return large freed buffers to the OS.
 """
 
