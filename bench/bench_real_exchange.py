@@ -13,8 +13,8 @@ for ``--rounds`` rounds. ``--exchange weights`` sends bf16 weights both ways (34
 Prints, per environment and round: wall time (between the server's "Round N started" lines); NVFlare's
 own transfer records (each download transaction's size and seconds, from the server's and the sites' logs)
 as MiB/s against a raw loopback TCP copy of the same bytes measured in this run, the physical limit here;
-the server's peak RSS in the round, and divided by the bf16 message; each site's peak RSS; and every log
-line that mentions a timeout. The goals: memory that does not grow from round to round, a server peak at
+the server's peak RSS in the round (its processes summed), and divided by the bf16 message; each site's
+peak RSS (its processes summed per role); and every log line that mentions a timeout. The goals: memory that does not grow from round to round, a server peak at
 most 2.0x the message, transfers at least 50 % of the loopback rate, no timeout at the defaults.
 """
 
@@ -181,12 +181,21 @@ def stamp(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S").timestamp()
 
 
+def role_totals(samples: list) -> dict[tuple[float, str], int]:
+    """(sweep time, role) -> the RSS summed over the role's processes in that sweep: PoC's server is two
+    processes (the parent, which relays messages, and the job's), a site's job may be more than one."""
+    totals: dict[tuple[float, str], int] = {}
+    for t, role, rss in samples:
+        totals[(t, role)] = totals.get((t, role), 0) + rss
+    return totals
+
+
 def per_round(samples: list, starts: list[float], end: float, transfers: list[dict], message: int) -> list:
     rows = []
     for r, begin in enumerate(starts):
         stop = starts[r + 1] if r + 1 < len(starts) else end
         peaks: dict[str, int] = {}
-        for t, role, rss in samples:
+        for (t, role), rss in role_totals(samples).items():
             if begin <= t < stop:
                 peaks[role] = max(peaks.get(role, 0), rss)
         # a round's messages only (coded updates are smaller), not the admin's download of the job result
@@ -223,10 +232,7 @@ def run_env(env: str, args, work: Path, model_dir: Path, data_dir: Path, message
     starts, transfers, timeouts = log_times(workspace)
     rows = per_round(samples, starts, end, transfers, message)
     # The server's RSS over time (JSON only), to lay beside its log when a peak needs explaining.
-    server = {}
-    for t, role, rss in samples:
-        if role == "server":
-            server[t] = max(server.get(t, 0), rss)
+    server = {t: rss for (t, role), rss in role_totals(samples).items() if role == "server"}
     timeline = [(round(t, 2), round(rss / GIB, 3)) for t, rss in sorted(server.items())]
     return {"env": env, "seconds": end - start, "error": error, "rounds": rows, "timeouts": timeouts,
             "site_lines": site_lines(workspace), "server_rss_gib_timeline": timeline}  # fmt: skip

@@ -234,7 +234,7 @@ class JobConfig:
         True,
         "The server streams each site's result into temporary files and FedAvg reads it back one tensor at a "
         "time (NVFlare's tensor disk offload): about one message less RAM per site arriving at once, a "
-        "message of disk per site and round. PoC and production; NVFlare's simulator keeps results in memory.",
+        "message of disk per site and round.",
     )
     workspace: str = option("/tmp/nvflare/qwen3vl_fedavg", "NVFlare workspace root.")
     job_name: str = option("qwen3-vl-fedavg", "NVFlare job name.")

@@ -51,6 +51,8 @@ class RoundRecorder(Filter):
             dxo = from_shareable(shareable)
             record["n_params"] = len(dxo.data or {})
             record["meta"] = {k: v for k, v in (dxo.meta or {}).items() if isinstance(v, (int, float, str))}
+            # tensors, or NVFlare's references to the files its disk offload wrote
+            record["arrived_as"] = sorted({type(v).__name__ for v in (dxo.data or {}).values()})
             if dxo.data:
                 from qwen3vl_sft.fl.exchange import materialized
 

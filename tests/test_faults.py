@@ -203,6 +203,8 @@ def test_a_site_killed_mid_round_is_left_out_and_the_job_finishes(killed_site_ru
         assert run.sent[(rnd, "site-3")]["n_params"] == 0  # nothing of the dead site reaches FedAvg
         for site in ("site-1", "site-2"):
             assert run.sent[(rnd, site)]["meta"]["NUM_STEPS_CURRENT_ROUND"] == SAMPLES_PER_ROUND
+            # the results reached the server as files (the disk offload), in the simulator too
+            assert run.sent[(rnd, site)]["arrived_as"] == ["_LazyRef"]
     final = saved_model(run.job)
     assert final["meta"]["round"] == 2
     one, two = run.sent[(2, "site-1")]["tensors"], run.sent[(2, "site-2")]["tensors"]
@@ -218,6 +220,9 @@ def test_the_logs_say_which_site_failed_and_when(killed_site_run):
     for rnd in range(3):
         line = f"round {rnd}: averaged 2 of 3 sites ['site-1', 'site-2']; left out (failed, died or sent no model): ['site-3']"
         assert line in server_log
+    # The global leaves the server's memory early only where all 3 sites downloaded it: round 0 (site-3
+    # died after receiving it). Later rounds the dead site downloads nothing, so it stays, as it must.
+    assert server_log.count("every site (3) has downloaded the global") == 1
     site_log = (ws_job / "site-3" / "log.txt").read_text()  # NVFlare's log of the site, timestamped
     assert f"exitcode  : -9 (pid: {killed_site_run.pid})" in site_log and "SIGKILL" in site_log
     client_log = read_text(ws_job, "site-3/**/qwen3vl_client.log")
@@ -242,6 +247,9 @@ def test_every_site_failing_stops_the_job_and_keeps_the_last_model(stopped_and_r
     assert "round 1: every site failed, the aggregate is empty; the job stops" in stopped.server_log
     assert "python job.py --resume" in stopped.server_log
     assert "round 1: averaged 0 of 2 sites []" in stopped.server_log
+    # Both sites downloaded round 1's global before failing: it was freed, and the job stops anyway with
+    # round 0's model on disk (below), so nothing needs it back.
+    assert stopped.server_log.count("every site (2) has downloaded the global") == 2
     for site in ("site-1", "site-2"):
         assert f"Qwen SFT failed on {site}" in stopped.client_logs
         assert stopped.sent[(1, site)]["n_params"] == 0  # an empty result: the site is left out...

@@ -415,8 +415,7 @@ def build_recipe(
         key_metric_mode=KEY_METRIC_MODE,
         model_persistor=global_model_persistor(job, model, checkpoint, exchange),
         # NVFlare 2.9's simulator configures the offload on its parent cell while the job's own cell receives
-        # the results, so there it does not apply (bench_real_exchange: PoC's FedAvg gets lazy refs, the
-        # simulator's gets tensors).
+        # the results; RoundMemoryRelease applies it to the job cell too, so it works there as in PoC.
         enable_tensor_disk_offload=job.server_disk_offload,
         server_memory_gc_rounds=1,  # gc + malloc_trim each round: held memory back to ~1x the model
         # At the end NVFlare sends each site's trainer SHUTDOWN, then waits this long for it to leave on its
@@ -438,7 +437,7 @@ def build_recipe(
     add_update_exchange(recipe, exchange)
     add_experiment_tracking(recipe, "tensorboard")
     add_console_events(recipe)
-    add_memory_release(recipe)
+    add_memory_release(recipe, job, exchange)
     if job.wandb:
         add_experiment_tracking(recipe, "wandb", wandb_tracking_config())
     return recipe
@@ -516,12 +515,14 @@ def add_console_events(recipe) -> None:
     recipe.add_server_input_filter(ConsoleResultFilter(), tasks=["train"])
 
 
-def add_memory_release(recipe) -> None:
-    """The server frees each received result and each replaced global once FedAvg is done with them."""
+def add_memory_release(recipe, job: JobConfig, exchange: ExchangeConfig) -> None:
+    """The server frees each received result once FedAvg has added it up, and each sent global once it
+    is replaced (with full weights: once every site has downloaded it)."""
     from .server import RoundMemoryRelease
 
+    release = RoundMemoryRelease(num_sites=job.num_sites if exchange.exchange == "weights" else 0)
     # Recipes have no public call for a plain server component (see add_console_events).
-    recipe._job.to_server(RoundMemoryRelease(), id="round_memory_release")
+    recipe._job.to_server(release, id="round_memory_release")
 
 
 def add_update_exchange(recipe, exchange: ExchangeConfig) -> None:

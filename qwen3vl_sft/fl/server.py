@@ -15,7 +15,9 @@ round r-1: the persistor promotes that one.  An empty aggregate (every site fail
 stops with the previous global model on disk instead of sending an empty model on.
 :class:`SharedGlobalFedAvg` sends the global without NVFlare's per-task copy of it.
 :class:`RoundMemoryRelease` frees each round's spent messages (a site's result once it is in FedAvg's sum,
-the sent global once the aggregate replaces it) and has the server return large freed buffers to the OS.
+the sent global once the aggregate replaces it, with full weights once every site has downloaded it),
+applies the tensor disk offload on the simulator's job cell too, and has the server return large freed
+buffers to the OS.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -80,7 +83,7 @@ class SharedGlobalFedAvg(FedAvg):
 
 
 class RoundMemoryRelease(FLComponent):
-    """Frees each round's tensors on the server as soon as FedAvg is done with them.
+    """Frees each round's tensors on the server as soon as nothing needs them any more.
 
     NVFlare 2.9 keeps two references it no longer needs, each to a whole message: the FLContext of the
     last submission holds that site's result after FedAvg's in-time aggregation has added it to the
@@ -88,36 +91,132 @@ class RoundMemoryRelease(FLComponent):
     aggregate. bench/bench_real_exchange.py counted the live tensors at each round's start: 3x the
     message from round 1 on, 1x with this component. Every holder shares one tensor dict, so emptying
     that dict in place, once NVFlare's own events say it is consumed, frees the tensors for all of them.
+
+    With ``num_sites`` (full weights both ways only), the sent global goes as soon as every site has
+    downloaded it, before the results come in: FedAvg then replaces it with the aggregate, and the
+    persistor has it on disk. Otherwise the server holds the old global and the new sum at once, 2x the
+    message. NVFlare has no event for a finished download; the download service calls the cell's
+    ``DOWNLOAD_COMPLETE_CB`` with the objects each transaction served, which says whose tensors went.
+    With ``--exchange update`` the sent dict is FedAvg's master, to which the mean update is added: it stays.
     """
 
-    def __init__(self):
+    def __init__(self, num_sites: int = 0):
         super().__init__()
+        self.num_sites = num_sites  # 0: keep the sent global until the aggregate replaces it
         self._sent: dict | None = None
+        self._sent_ids: set[int] = set()
+        self._downloads = 0
+        self._lock = threading.Lock()  # download callbacks run on NVFlare's transfer threads
 
     def handle_event(self, event_type: str, fl_ctx) -> None:
         from nvflare.apis.dxo import from_shareable
         from nvflare.apis.event_type import EventType
-        from nvflare.app_common.abstract.model import ModelLearnableKey
         from nvflare.app_common.app_constant import AppConstants
         from nvflare.app_common.app_event_type import AppEventType
 
         if event_type == EventType.START_RUN:
             self.log_info(fl_ctx, f"large buffers go back to the OS when freed: {release_large_frees()}")
+            if self.num_sites:
+                self._watch_downloads(fl_ctx)
         elif event_type == AppEventType.BEFORE_TRAIN_TASK:  # one task (one global) per round, for every site
-            self._sent = from_shareable(fl_ctx.get_prop(AppConstants.TRAIN_SHAREABLE)).data
+            self._new_task(from_shareable(fl_ctx.get_prop(AppConstants.TRAIN_SHAREABLE)).data)
+            _offload_on_every_cell(fl_ctx.get_engine())
         elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
             result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
             # Accepted means FedAvg's callback has added it to its sum (a copy): the result is spent.
             if result is not None and fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED):
                 from_shareable(result).data.clear()
         elif event_type == AppEventType.AFTER_SHAREABLE_TO_LEARNABLE:
-            learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
-            new_global = learnable.get(ModelLearnableKey.WEIGHTS) if learnable else None
+            self._replaced(fl_ctx)
+
+    def _new_task(self, sent: dict) -> None:
+        with self._lock:
+            if sent is not self._sent:  # every site's task of a round carries the same dict
+                self._sent, self._downloads = sent, 0
+                self._sent_ids = {id(t) for t in sent.values() if torch.is_tensor(t)}
+
+    def _replaced(self, fl_ctx) -> None:
+        from nvflare.app_common.abstract.model import ModelLearnableKey
+        from nvflare.app_common.app_constant import AppConstants
+
+        learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        new_global = learnable.get(ModelLearnableKey.WEIGHTS) if learnable else None
+        with self._lock:
             # With full weights the aggregate replaces the sent dict; with updates (DIFF) FedAvg adds
             # them into the sent dict itself, which then is the new global and stays.
             if self._sent is not None and self._sent is not new_global:
                 self._sent.clear()
-            self._sent = None
+            self._sent, self._sent_ids = None, set()
+
+    def _watch_downloads(self, fl_ctx) -> None:
+        from nvflare.fuel.utils.fobs import FOBSContextKey
+
+        for cell in _server_cells(fl_ctx.get_engine()):
+            previous = cell.get_fobs_context().get(FOBSContextKey.DOWNLOAD_COMPLETE_CB)
+
+            def on_done(tx_id, status, objects, *args, _previous=previous, **kwargs):
+                if _previous is not None:  # someone else's callback keeps working
+                    _previous(tx_id, status, objects, *args, **kwargs)
+                self.download_done(status, objects)
+
+            cell.update_fobs_context({FOBSContextKey.DOWNLOAD_COMPLETE_CB: on_done})
+
+    def download_done(self, status: str, objects: list) -> None:
+        """One download transaction ended; ``objects``: what it served (tensor dicts for tensors)."""
+        from nvflare.fuel.f3.streaming.transfer_outcome import TransactionDoneStatus
+
+        with self._lock:
+            sent = self._sent
+            if (
+                not self.num_sites
+                or status != TransactionDoneStatus.FINISHED
+                or not sent
+                or not any(self._holds_sent(o) for o in objects)
+            ):
+                return  # a failed or timed-out download may be retried: the global stays
+            self._downloads += 1
+            if self._downloads < self.num_sites:
+                return
+            count = len(sent)
+            sent.clear()
+        logger.info("every site (%d) has downloaded the global: its %d tensors are freed on the server "
+                    "(the persistor has it on disk)", self.num_sites, count)  # fmt: skip
+
+    def _holds_sent(self, obj) -> bool:
+        return isinstance(obj, dict) and any(id(v) in self._sent_ids for v in obj.values())
+
+
+def _server_cells(engine) -> list:
+    """The server's cells that may serve this job's messages: NVFlare 2.9's simulator sends and receives a
+    job's messages on the job cell it keeps as ``server.job_cell``, and sets the engine's cell (where
+    FedAvg configures the tensor disk offload) to the parent; in PoC and production they are one."""
+    run_manager = getattr(engine, "run_manager", None)
+    candidates = [getattr(run_manager, "cell", None), engine.get_cell() if engine else None,
+                  getattr(getattr(engine, "server", None), "job_cell", None)]  # fmt: skip
+    cells = []
+    for cell in candidates:
+        if cell is not None and all(cell is not c for c in cells):
+            cells.append(cell)
+    return cells
+
+
+def _offload_on_every_cell(engine) -> None:
+    """Apply the tensor disk offload FedAvg set on the engine's cell to the job cell too (the simulator's
+    results arrive there, see _server_cells), so the simulator offloads as PoC and production do."""
+    from nvflare.app_common.utils import tensor_disk_offload_context as offload
+
+    cells = _server_cells(engine)
+    if len(cells) < 2:
+        return
+    source = cells[0].get_fobs_context()
+    # The two keys are module constants of NVFlare's offload helper, which has no call for a second cell.
+    props = {
+        key: source.get(key)
+        for key in (offload._ENABLE_TENSOR_DISK_OFFLOAD, offload._TENSOR_DISK_OFFLOAD_ROOT_DIR)
+    }
+    if props[offload._ENABLE_TENSOR_DISK_OFFLOAD]:
+        for cell in cells[1:]:
+            cell.update_fobs_context(props)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -191,6 +290,7 @@ class GlobalModelPersistor(_persistor_base()):
         learnable = super().load_model(fl_ctx)
         if isinstance(self.model, GlobalModel):
             self.model.load_state_dict({})
+        self._forget_saved_tensors()
         if self.fp32_master:  # FedAvg adds each round's mean update to these: fp32 keeps small ones
             weights = learnable[ModelLearnableKey.WEIGHTS]
             for name, tensor in weights.items():
@@ -259,9 +359,21 @@ class GlobalModelPersistor(_persistor_base()):
         super().save_model(ml, fl_ctx)
         tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
         write_hf_directory(tensors, self.base_config, Path(self.log_dir) / LATEST_HF_DIR)
+        del tensors
+        self._forget_saved_tensors()
         atomic_write_json(Path(self.log_dir) / STATE_FILE, self._state(current_round))
         self.log_info(fl_ctx, f"Global model of round {current_round} saved to {self._ckpt_save_path} and "
                               f"{Path(self.log_dir) / LATEST_HF_DIR}")  # fmt: skip
+
+    def _forget_saved_tensors(self) -> None:
+        """Drop NVFlare's persistence manager's references to the model it last loaded or saved.
+
+        PTFileModelPersistor keeps them (``var_dict``) only to write the next checkpoint, which save_model
+        refills it for; held, they are one more whole model on the server for the whole job, and they keep
+        the sent global alive after RoundMemoryRelease has let it go. Every save here writes a whole model
+        (sites send every exchanged tensor), so nothing of an earlier one is needed."""
+        if self.persistence_manager is not None:
+            self.persistence_manager.var_dict.clear()
 
     def save_model_file(self, save_path: str) -> None:
         """NVFlare's checkpoint dict plus ``meta`` (base model, LoRA settings, round), which lets
