@@ -186,6 +186,7 @@ JOB_CASES = {
     "num-sites-0": (["--num_sites", "0"], ["--num_sites must be at least 1, got 0"]),
     "resume": (["--resume", "true"], ["--resume: no FL_global_model.pt under", "nothing to resume"]),
     "not-qwen3vl": (["--model_name_or_path", "{bert}"], ["--model_name_or_path", "model_type 'bert' is not Qwen3-VL"]),
+    "model-dir-missing": (["--model_name_or_path", "{tmp}/../no-model"], ["no-model: no such directory, and not a hub id"]),
 }  # fmt: skip
 
 
@@ -195,9 +196,15 @@ def test_job_flag_is_refused_with_one_line(case, tiny_model_dir, site_dirs, not_
     extra = [arg.format(tmp=tmp_path, bert=not_qwen) for arg in extra]
     argv = ["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(site_dirs), "--num_sites", "3",
             "--workspace", str(tmp_path / "ws"), *extra]  # fmt: skip
-    # The refusal must come before anything is written. An exported job's data folder may be the sites'
-    # alone (not on this machine), so a missing one is refused for a job run here only.
-    if case not in {"gpu-malformed", "gpu-vs-num-sites", "gpu-vs-nproc", "data-dir-missing"}:
+    # The refusal must come before anything is written. An exported job's data and model folders may be the
+    # sites' alone (not on this machine), so a missing one is refused for a job run here only.
+    if case not in {
+        "gpu-malformed",
+        "gpu-vs-num-sites",
+        "gpu-vs-nproc",
+        "data-dir-missing",
+        "model-dir-missing",
+    }:
         argv += ["--export_dir", str(tmp_path / "export")]
     with pytest.raises(SystemExit) as exit_:
         job.main(argv)

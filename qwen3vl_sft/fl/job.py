@@ -315,10 +315,16 @@ def absolute_model_path(model: ModelConfig, job: JobConfig) -> ModelConfig:
     return dataclasses.replace(model, model_name_or_path=str(local)) if local.is_dir() else model
 
 
-def check_model(model: ModelConfig) -> None:
-    """Refuse a local --model_name_or_path that is not Qwen3-VL before the job starts, in one line:
-    started, the job would fail inside NVFlare's server. Hub ids are checked where they load."""
-    if not os.path.isdir(model.model_name_or_path):
+def check_model(model: ModelConfig, job: JobConfig) -> None:
+    """Refuse a --model_name_or_path that is no folder here and no hub id, or a local folder that is not
+    Qwen3-VL, before the job starts, in one line: started, the job would fail inside NVFlare's server with a
+    traceback. Hub ids are checked where they load; paths of other machines (--export_dir, prod) there."""
+    path = model.model_name_or_path
+    if not os.path.isdir(path):
+        if not runs_elsewhere(job) and not is_hub_id(path):
+            raise DataError(f"--model_name_or_path {path}: no such directory, and not a hub id (name or "
+                            "org/name); pass a Qwen3-VL directory or hub id (offline: build one with "
+                            "python -m qwen3vl_sft.model.tiny --output DIR)")  # fmt: skip
         return
     from ..model.modeling import ModelError, model_class
 
@@ -326,6 +332,16 @@ def check_model(model: ModelConfig) -> None:
         model_class(model.model_name_or_path, model.trust_remote_code)
     except ModelError as err:
         raise DataError(str(err)) from err
+
+
+def is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def stage_package() -> str:
@@ -394,7 +410,7 @@ def build_recipe(
 
     check_job(job, model, data, train)
     model = absolute_model_path(model, job)
-    check_model(model)
+    check_model(model, job)
     checkpoint = resume_checkpoint(job)
     start_round = completed_rounds(checkpoint)
     if start_round >= job.num_rounds:
