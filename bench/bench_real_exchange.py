@@ -14,8 +14,9 @@ Prints, per environment and round: wall time (between the server's "Round N star
 own transfer records (each download transaction's size and seconds, from the server's and the sites' logs)
 as MiB/s against a raw loopback TCP copy of the same bytes measured in this run, the physical limit here;
 the server's peak RSS in the round (its processes summed), and divided by the bf16 message; each site's
-peak RSS (its processes summed per role); and every log line that mentions a timeout. The goals: memory that does not grow from round to round, a server peak at
-most 2.0x the message, transfers at least 50 % of the loopback rate, no timeout at the defaults.
+peak RSS (its processes summed per role); and every log line that mentions a timeout. The goals: memory
+that does not grow from round to round, a server peak at most 2.0x the message, transfers at least 50 % of
+the loopback rate, no timeout at the defaults.
 """
 
 from __future__ import annotations
@@ -191,11 +192,11 @@ def role_totals(samples: list) -> dict[tuple[float, str], int]:
 
 
 def per_round(samples: list, starts: list[float], end: float, transfers: list[dict], message: int) -> list:
-    rows = []
+    rows, totals = [], role_totals(samples)
     for r, begin in enumerate(starts):
         stop = starts[r + 1] if r + 1 < len(starts) else end
         peaks: dict[str, int] = {}
-        for (t, role), rss in role_totals(samples).items():
+        for (t, role), rss in totals.items():
             if begin <= t < stop:
                 peaks[role] = max(peaks.get(role, 0), rss)
         # a round's messages only (coded updates are smaller), not the admin's download of the job result
