@@ -12,7 +12,8 @@ for ``--rounds`` rounds. ``--exchange weights`` sends bf16 weights both ways (34
 
 Prints, per environment and round: wall time (between the server's "Round N started" lines); NVFlare's
 own transfer records (each download transaction's size and seconds, from the server's and the sites' logs)
-as MiB/s against a raw loopback TCP copy of the same bytes measured in this run, the physical limit here;
+as MiB/s against a raw loopback TCP copy of the same bytes measured in this run, the physical limit here,
+and against NVFlare's own rate for the same message between bare cells, no job (``cell_ceiling.py``);
 the server's peak RSS in the round (its processes summed), and divided by the bf16 message; each site's
 peak RSS (its processes summed per role); and every log line that mentions a timeout. The goals: memory
 that does not grow from round to round, a server peak at most 2.0x the message, transfers at least 50 % of
@@ -32,6 +33,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import cell_ceiling  # this folder: run as a script, bench/ is on sys.path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,13 +245,14 @@ def site_lines(workspace: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(workspace.rglob("exchange_site.jsonl")) for line in f.open()]
 
 
-def print_env(result: dict, message: int, loopback: float) -> None:
+def print_env(result: dict, message: int, loopback: float, bare: float) -> None:
     print(f"\n{result['env']}: {result['seconds']:.0f} s, {len(result['rounds'])} rounds"
           f"{', FAILED: ' + result['error'] if result['error'] else ''}")  # fmt: skip
     for row in result["rounds"]:
         peaks = ", ".join(f"{role} {gib:.2f}" for role, gib in sorted(row["peaks_gib"].items()))
         moves = "; ".join(f"{x['served_by']} served {x['mib']:.0f} MiB at {x['mib_per_s']:.0f} MiB/s "
-                          f"({100 * x['mib_per_s'] / loopback:.0f} % of loopback)" for x in row["transfers"])  # fmt: skip
+                          f"({100 * x['mib_per_s'] / loopback:.0f} % of loopback, {100 * x['mib_per_s'] / bare:.0f} % of bare "
+                          f"NVFlare)" for x in row["transfers"])  # fmt: skip
         print(
             f"  round {row['round']}: {row['seconds']:.0f} s; peak RSS GiB: {peaks}; "
             f"server {row['server_peak_x_message']:.2f}x the message; {moves or 'no transfer record'}"
@@ -275,20 +278,24 @@ def main(argv=None) -> int:
     model_dir, data_dir = checkpoint(work, args.text_layers), shards(work, args.sites)
     message = message_bytes(model_dir)
     loopback = loopback_mib_per_s(message)
+    bare = {t: cell_ceiling.ceiling(model_dir, t, work / "cells" / t) for t in ("direct", "relayed")}
     print(
         f"message (bf16 full SFT): {message / MIB:.1f} MiB; loopback TCP copy: {loopback:.0f} MiB/s; "
+        f"bare NVFlare cells: {bare['direct']['mib_per_s']:.0f} MiB/s direct, "
+        f"{bare['relayed']['mib_per_s']:.0f} relayed as in a job; "
         f"{args.sites} site(s), {args.rounds} rounds, --exchange {args.exchange}",
         flush=True,
     )
     envs = ["sim", "poc"] if args.env == "both" else [args.env]
     results = [run_env(env, args, work, model_dir, data_dir, message) for env in envs]
     for result in results:
-        print_env(result, message, loopback)
+        print_env(result, message, loopback, bare["relayed"]["mib_per_s"])
     if args.json:
         figures = {
             "args": vars(args),
             "message_bytes": message,
             "loopback_mib_per_s": loopback,
+            "bare_nvflare": bare,
             "envs": results,
         }
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -5,6 +5,7 @@ Each test runs a short NVFlare job end to end, so they are marked slow; CI runs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -192,6 +193,71 @@ def test_a_site_whose_torchrun_cannot_start_ends_the_job_with_the_reason(
     assert str(site_log) in message
     assert "\n" not in message
     assert "did not take the report" not in site_log.read_text()  # NVFlare's reply reads as taken
+
+
+def test_a_simulator_left_hanging_after_the_abort_is_ended_with_the_recorded_reason(
+    tiny_model_dir, shards, tmp_path, monkeypatch
+):
+    """site-2 cannot start (busy port) and the server stops the job, while site-1's simulator worker is
+    frozen (SIGSTOP), as a site process NVFlare's simulator was left waiting on: the simulator would
+    wait for it forever. The guard kills them once the grace after the recorded failure is over, and the job
+    ends with site-2's reason."""
+    import signal
+    import socket
+    import threading
+
+    import psutil
+
+    from qwen3vl_sft.fl import watch
+
+    job, model, data, train = job_configs(
+        tmp_path / "ws", tiny_model_dir, shards, num_sites=2, num_rounds=1, max_steps=2
+    )
+    monkeypatch.setattr(fl_job, "port_is_free", lambda _: True)
+    monkeypatch.setattr(watch, "SIMULATOR_END_GRACE_S", 5.0)
+    frozen: dict[int, psutil.Process] = {}
+    running = threading.Event()
+
+    def freeze_site_1():  # site-1's simulator worker, as soon as it appears
+        while not running.wait(0.05):
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    command = " ".join(proc.cmdline())
+                    if (
+                        proc.pid not in frozen
+                        and "simulator_worker" in command
+                        and "--client site-1 " in command
+                    ):
+                        proc.send_signal(signal.SIGSTOP)
+                        frozen[proc.pid] = proc
+                except psutil.NoSuchProcess:
+                    continue
+
+    def alive(proc: psutil.Process) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    freezer = threading.Thread(target=freeze_site_1, daemon=True)
+    with socket.socket() as busy:
+        busy.bind(("", job.master_port_base + 1))  # site-2's
+        busy.listen()
+        recipe = fl_job.build_recipe(job, model, data, train)
+        freezer.start()
+        try:
+            with pytest.raises(fl_job.JobFailed) as failure:
+                fl_job.run_job(job, recipe, 0)
+        finally:
+            running.set()
+            freezer.join()
+            left = [proc.pid for proc in frozen.values() if alive(proc)]
+            for proc in frozen.values():  # a failed guard must not leave them behind
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+    assert frozen, "no process of site-1 was seen"
+    assert left == [], "the guard left site-1's frozen worker running"
+    assert str(failure.value).startswith("the federated job stopped at start-up: site-2 stopped: ")
 
 
 def test_field_shaped_data_trains_validates_keeps_the_best_model_and_evaluates_as_printed(

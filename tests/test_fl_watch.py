@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
 
 from qwen3vl_sft.fl.watch import (
     FAILURE_FILE,
     describe_site_failure,
+    ending_a_hung_simulator,
     failure_line,
     last_exception_line,
     read_failure,
+    simulator_processes,
 )
 
 TORCHRUN_EADDRINUSE_LOG = """\
@@ -111,3 +120,70 @@ def test_read_failure_finds_the_servers_file_or_none(tmp_path):
     (tmp_path / "server" / "simulate_job").mkdir(parents=True)
     (tmp_path / "server" / "simulate_job" / FAILURE_FILE).write_text(json.dumps({"reason": "r", "round": 0}))
     assert read_failure(tmp_path) == {"reason": "r", "round": 0}
+
+
+def sleeper(seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+
+
+def only(popen: subprocess.Popen):
+    """A ``processes`` for the guard: this one child while it runs."""
+    return lambda: [psutil.Process(popen.pid)] if popen.poll() is None else []
+
+
+def test_a_simulator_still_up_after_the_recorded_failure_is_ended(tmp_path, capsys):
+    hung = sleeper(600)  # a site process the aborted simulator waits on forever
+    start = time.monotonic()
+    with ending_a_hung_simulator(tmp_path, grace_s=1.0, poll_s=0.1,
+                                 processes=only(hung)) as killed:  # fmt: skip
+        (tmp_path / "server" / "run_1").mkdir(parents=True)
+        (tmp_path / "server" / "run_1" / FAILURE_FILE).write_text('{"reason": "site-2 stopped"}')
+        hung.wait(timeout=60)
+    assert hung.returncode == -signal.SIGKILL
+    assert killed == [hung.pid]
+    assert time.monotonic() - start < 30
+    assert (
+        "still running 1 s after the server stopped the job; ended its 1 site processes"
+        in capsys.readouterr().err
+    )
+
+
+def test_a_healthy_run_and_an_earlier_runs_failure_file_are_left_alone(tmp_path):
+    (tmp_path / FAILURE_FILE).write_text('{"reason": "the run before"}')
+    old = time.time() - 3600
+    os.utime(tmp_path / FAILURE_FILE, (old, old))  # a failed run earlier in this folder, then --resume
+    ending = sleeper(2)
+    with ending_a_hung_simulator(tmp_path, grace_s=0.2, poll_s=0.05,
+                                 processes=only(ending)) as killed:  # fmt: skip
+        ending.wait(timeout=60)
+    assert ending.returncode == 0
+    assert killed == []
+
+
+def test_left_behind_processes_are_ended_when_the_run_returns_after_a_failure(tmp_path, capsys):
+    orphan = sleeper(600)  # the simulator gave up waiting for this site worker and returned
+    with ending_a_hung_simulator(tmp_path, grace_s=600, poll_s=0.05,
+                                 processes=only(orphan)) as killed:  # fmt: skip
+        (tmp_path / FAILURE_FILE).write_text('{"reason": "site-2 stopped"}')
+    orphan.wait(timeout=30)
+    assert orphan.returncode == -signal.SIGKILL
+    assert killed == [orphan.pid]
+    assert "ended 1 site processes the simulator left running" in capsys.readouterr().err
+
+
+def test_the_simulators_processes_are_its_site_workers_and_theirs(tmp_path):
+    worker = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                               "time.sleep(60)", "-m", "nvflare.private.fed.app.simulator.simulator_worker",
+                               "--client", "site-1"])  # fmt: skip
+    bystander = sleeper(60)  # another child of this process: not the simulator's
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(worker.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grandchild = psutil.Process(worker.pid).children()[0].pid
+        assert [p.pid for p in simulator_processes()] == [grandchild, worker.pid]
+    finally:
+        for proc in (worker, bystander):
+            proc.kill()
+            proc.wait()

@@ -40,7 +40,7 @@ from ..config import (
 from ..errors import DataError, UsageError
 from ..fileio import check_writable
 from .resume import completed_rounds, resume_checkpoint
-from .watch import failure_line, read_failure
+from .watch import ending_a_hung_simulator, failure_line, read_failure
 
 if TYPE_CHECKING:
     from .summary import Summary
@@ -663,6 +663,7 @@ def run_job(job: JobConfig, recipe, cuda_devices: int, image_root: str = "") -> 
         with (
             noticing_ctrl_c() as interrupted,
             job_console(job, search_dir, getattr(recipe, "_start_round", 0)),
+            ending_a_hung_simulator(search_dir) if job.env == "sim" else contextlib.nullcontext(),
         ):
             run = recipe.run(env)  # the simulator returns when the job has ended, PoC once it is submitted
             result_dir = job_result(job, env, run)

@@ -18,13 +18,21 @@ Two NVFlare components, added to every job by :func:`qwen3vl_sft.fl.job.build_re
   result a failing site sends); and it writes the reason of any panic (its own, or the persistor's:
   too few sites, every site failed) to ``job_failure.json`` in the server's run folder, which
   ``job.py`` prints as its last line.
+
+And one guard in ``job.py``'s process, :func:`ending_a_hung_simulator`: the simulator can stay up after the
+server has stopped the job (a site process left waiting), and then so would ``job.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nvflare.apis.event_type import EventType
@@ -44,6 +52,8 @@ EXCEPTION_LINE = re.compile(r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception
 EADDRINUSE_PORT = re.compile(r"\bport: (\d+)\b")
 WRAPPER_MESSAGES = ("before completing the HELLO handshake", "failed to initialize", "FATAL_SYSTEM_ERROR")
 LOG_TAIL_BYTES = 256 * 1024
+# An aborted simulator ends in seconds (its sites leave at their next poll); one still up after this is hung.
+SIMULATOR_END_GRACE_S = 180.0
 
 
 def last_exception_line(log_file: str | os.PathLike) -> str:
@@ -186,3 +196,80 @@ def failure_line(failure: dict, server_log: str) -> str:
     parts = [f"the federated job stopped {when}: {failure['reason']}"]
     parts += [f"{site} failed {error}" for site, error in sorted((failure.get("site_errors") or {}).items())]
     return "; ".join(parts) + f" (server log: {server_log})"
+
+
+def failure_recorded_since(result_dir: str | os.PathLike, since: float) -> bool:
+    """Whether the server wrote a ``job_failure.json`` under ``result_dir`` at or after ``since`` (epoch s):
+    a file left by an earlier run of the same job folder does not count."""
+    found = Path(result_dir).glob(f"**/{FAILURE_FILE}")
+    return any(path.stat().st_mtime >= since for path in found)
+
+
+SIMULATOR_WORKER = "nvflare.private.fed.app.simulator.simulator_worker"
+
+
+def simulator_processes() -> list:
+    """The simulator's site workers under this process, each after its own descendants (torchrun, trainer)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # it ended while being listed
+            if SIMULATOR_WORKER in " ".join(proc.cmdline()):
+                found += [*proc.children(recursive=True), proc]
+    return found
+
+
+def kill_all(processes: list) -> list[int]:
+    """SIGKILL each process; the pids of those that were still there."""
+    import psutil
+
+    killed = []
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it ended on its own meanwhile
+            proc.kill()
+            killed.append(proc.pid)
+    return killed
+
+
+@contextlib.contextmanager
+def ending_a_hung_simulator(
+    result_dir: str | os.PathLike,
+    grace_s: float | None = None,
+    poll_s: float = 2.0,
+    processes: Callable[[], list] = simulator_processes,
+):
+    """Around the simulator's run in this process, once the server has recorded why it stopped the job
+    (``job_failure.json``): if the run is still going ``grace_s`` later (default ``SIMULATOR_END_GRACE_S``),
+    SIGKILL the simulator's site processes so that it returns and job.py reports the recorded reason
+    instead of waiting forever; and when the run returns, end any it left behind (NVFlare 2.9's
+    simulator stops waiting for a site worker after its ``simulator_worker_timeout`` and leaves it up).
+    Seen with NVFlare 2.9: after two of its workers had started the same site, the aborted job's site
+    processes stayed up. Yields the list of the pids it killed."""
+    grace_s = SIMULATOR_END_GRACE_S if grace_s is None else grace_s
+    started, done, killed = time.time() - 1.0, threading.Event(), []  # mtimes may be whole seconds
+
+    def watch():
+        failed_at = None
+        while not done.wait(poll_s):
+            if failed_at is None:
+                failed_at = time.monotonic() if failure_recorded_since(result_dir, started) else None
+            elif time.monotonic() - failed_at >= grace_s:
+                killed.extend(kill_all(processes()))
+                print(f"job.py: the simulator was still running {grace_s:.0f} s after the server stopped the "
+                      f"job; ended its {len(killed)} site processes", file=sys.stderr, flush=True)  # fmt: skip
+                return
+
+    thread = threading.Thread(target=watch, name="hung-simulator-watch", daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()
+        if failure_recorded_since(result_dir, started):
+            left = kill_all(processes())
+            if left:
+                killed.extend(left)
+                print(f"job.py: ended {len(left)} site processes the simulator left running after the job "
+                      "stopped", file=sys.stderr, flush=True)  # fmt: skip
